@@ -1,0 +1,180 @@
+"""``create_app(settings)``: the Sanic application — routes, the upgrade gate, per-worker
+listeners.  ``app`` is built from the environment on first access so that ``sanic
+service.app`` works; a configuration error prints one clear line and exits with status 2."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse, json, raw
+
+from . import metrics, privacy
+from .config import ConfigError, Settings
+from .errors import Close
+from .runtime import Runtime
+from .transport import WS_PATH, upgrade_gate, websocket_handler
+
+log = logging.getLogger("signaling")
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our own logger, on stderr like Sanic's; the privacy filter is added by install()."""
+    logger = logging.getLogger("signaling")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+        )
+        logger.addHandler(handler)
+    if verbose:
+        logging.getLogger("sanic.root").setLevel(logging.DEBUG)
+
+
+def create_app(settings: Settings, name: str = "signaling") -> Sanic:
+    app = Sanic(name)
+    _configure_logging(settings.verbose)
+    app.config.ACCESS_LOG = False  # it prints client ip:port and full URLs
+    app.config.WEBSOCKET_MAX_SIZE = settings.max_message_bytes  # 1009 beyond
+    app.config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval or None
+    app.config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout or None
+    app.config.OAS_UI_DEFAULT = "swagger"
+    app.config.OAS_URL_PREFIX = "/docs"
+    app.config.HEALTH = True  # sanic-ext worker health monitor
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.ctx.settings = settings
+    privacy.install()
+
+    app.on_request(upgrade_gate, priority=100)
+    app.add_websocket_route(websocket_handler, WS_PATH, name="ws")
+    app.add_route(health, "/health", methods=["GET"], name="health")
+    app.add_route(ready, "/ready", methods=["GET"], name="ready")
+    app.add_route(metrics_endpoint, "/metrics", methods=["GET"], name="metrics")
+
+    app.main_process_start(_main_start)
+    app.before_server_start(_worker_start)
+    app.before_server_stop(_worker_drain)
+    app.after_server_stop(_worker_stop)
+    return app
+
+
+# ---------------------------------------------------------------- HTTP endpoints
+
+
+async def health(request: Request) -> HTTPResponse:
+    """Liveness: 200 while the process runs."""
+    return json({"status": "healthy", "timestamp": int(time.time())})
+
+
+async def ready(request: Request) -> HTTPResponse:
+    """Readiness: 200 when the backplane answers and the instance is not draining."""
+    rt: Runtime = request.app.ctx.runtime
+    ok = await rt.ready()
+    body = {
+        "status": "ready" if ok else "unavailable",
+        "backplane": "redis" if rt.clustered else "memory",
+        "draining": rt.draining,
+        "timestamp": int(time.time()),
+    }
+    return json(body, status=200 if ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> HTTPResponse:
+    """Prometheus text format for the whole instance (all workers)."""
+    body, content_type = metrics.render()
+    return raw(body, content_type=content_type)
+
+
+# ---------------------------------------------------------------- listeners
+
+
+async def _main_start(app: Sanic) -> None:
+    """Main process: refuse several workers without a shared backplane."""
+    privacy.install()
+    settings: Settings = app.ctx.settings
+    workers = int(getattr(app.state, "workers", 1) or 1)
+    if settings.redis_url is None:
+        if workers > 1:
+            print(
+                f"error: {workers} workers need a shared backplane: set REDIS_URL (or "
+                "REDIS_ADDR), or run one worker",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(2)
+        log.info("no REDIS_URL: running as a single instance on the in-process backplane")
+
+
+async def _worker_start(app: Sanic) -> None:
+    privacy.install()
+    rt = Runtime.build(app.ctx.settings)
+    app.ctx.runtime = rt
+    try:
+        await rt.start()
+    except Exception as exc:
+        # Start anyway: /ready says 503 and the heartbeat keeps trying to reach Redis.
+        log.error("backplane not reachable at start: %s", type(exc).__name__)
+        rt.draining = False
+        app.add_task(_retry_start(rt), name="retry-start")
+    log.info(
+        "worker %s serving (%s backplane)", rt.node_id, "redis" if rt.clustered else "memory"
+    )
+
+
+async def _retry_start(rt: Runtime) -> None:
+    delay = 0.5
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await rt.start()
+            log.info("backplane reachable again; worker %s started", rt.node_id)
+            return
+        except Exception:
+            delay = min(delay * 2, 5.0)
+
+
+async def _worker_drain(app: Sanic) -> None:
+    """Runs before Sanic's own stop (which would close sockets with 1001): tell every client
+    to reconnect elsewhere (1012) and let handlers finish."""
+    rt: Runtime | None = getattr(app.ctx, "runtime", None)
+    if rt is None:
+        return
+    rt.draining = True
+    for devices in list(rt.hub.sessions.values()):
+        for session in list(devices.values()):
+            session.close(Close.RESTART, "server shutting down")
+    deadline = time.monotonic() + 3.0
+    while rt.hub.connection_count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def _worker_stop(app: Sanic) -> None:
+    rt: Runtime | None = getattr(app.ctx, "runtime", None)
+    if rt is not None:
+        await rt.close()
+    metrics.worker_exited()
+
+
+def build_from_env() -> Sanic:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return create_app(settings)
+
+
+def __getattr__(name: str) -> Any:
+    """``service.app.app`` is built from the environment on first access (``sanic
+    service.app`` asks for it); importing this module for ``create_app`` needs no env."""
+    if name == "app":
+        built = build_from_env()
+        globals()["app"] = built
+        return built
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""Redis implementations of the core's contracts (``service.core.contracts``)."""

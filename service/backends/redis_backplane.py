@@ -1,0 +1,217 @@
+"""Cross-worker delivery through Redis Streams consumer groups (no pub/sub).
+
+Each worker owns one inbox stream ``sig:inbox:<node>`` with consumer group ``sig``.  Senders
+``XADD … NOMKSTREAM MAXLEN ~ N`` to the inbox of the worker that holds the recipient; every
+``send`` of one event-loop tick goes out in one pipeline, in submission order, from a single
+writer task (so one sender's messages keep their order).  The reader ``XREADGROUP … BLOCK``s on
+its own connection (socket timeout above the block time), hands entries to the hub, then
+``XACK``s and ``XDEL``s them: payloads stay in Redis only while in transit.
+
+NOMKSTREAM is what makes a send to a dead worker fail loudly: its inbox expired (the TTL is
+refreshed by its heartbeat), the XADD returns nil and the sender gets ``peer_offline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
+from . import keys
+
+log = logging.getLogger("signaling.backplane")
+
+_KIND = {"deliver": b"d", "kick": b"k"}
+_KIND_BACK = {v: k for k, v in _KIND.items()}
+
+
+def encode_envelope(env: Envelope) -> dict[bytes, bytes]:
+    return {
+        b"k": _KIND[env.kind],
+        b"u": env.user.encode(),
+        b"d": ",".join(env.devices).encode(),  # identifiers never contain ","
+        b"f": env.frame,
+        b"c": env.conn.encode(),
+        b"t": str(env.ts).encode(),
+    }
+
+
+def decode_envelope(fields: dict[bytes, bytes]) -> Envelope:
+    devices = fields.get(b"d", b"").decode()
+    return Envelope(
+        _KIND_BACK[fields[b"k"]],
+        fields[b"u"].decode(),
+        tuple(devices.split(",")) if devices else (),
+        fields.get(b"f", b""),
+        fields.get(b"c", b"").decode(),
+        int(fields.get(b"t", b"0") or 0),
+    )
+
+
+class RedisBackplane:
+    def __init__(
+        self,
+        redis: Redis,
+        reader: Redis,
+        *,
+        ttl: int,
+        maxlen: int = 10000,
+        read_count: int = 512,
+        block_ms: int = 1000,
+        stats: Stats | None = None,
+    ) -> None:
+        """``reader`` must be a client of its own whose socket timeout exceeds ``block_ms``."""
+        self._redis = redis
+        self._reader = reader
+        self._ttl = ttl
+        self._maxlen = maxlen
+        self._count = read_count
+        self._block = block_ms
+        self._stats: Stats = stats or NullStats()
+        self._node: str | None = None
+        self._sink: EnvelopeSink | None = None
+        self._pending: list[tuple[str, dict[bytes, bytes], asyncio.Future[bool]]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def inbox(self) -> str:
+        assert self._node is not None, "start() first"
+        return keys.inbox(self._node)
+
+    async def start(self, node: str, sink: EnvelopeSink) -> None:
+        self._node, self._sink = node, sink
+        await self._ensure_group()
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="backplane-writer"),
+            asyncio.create_task(self._read_loop(), name="backplane-reader"),
+        ]
+
+    async def _ensure_group(self) -> None:
+        """Create the inbox and its group; id 0 so nothing added meanwhile is skipped."""
+        try:
+            await self._redis.xgroup_create(self.inbox, keys.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        await self._redis.expire(self.inbox, self._ttl * 2)
+
+    async def heartbeat(self) -> None:
+        """Keep this worker's inbox alive; recreate it if Redis lost it."""
+        if self._node is None:
+            return
+        if not await self._redis.expire(self.inbox, self._ttl * 2):
+            await self._ensure_group()
+
+    # ------------------------------------------------------------------ writing
+
+    def send(self, node: str, envelope: Envelope) -> asyncio.Future[bool]:  # type: ignore[override]
+        """Queue for this tick's pipeline; the future says whether ``node``'s inbox took it
+        (False: that worker is gone) or raises if Redis failed (outcome unknown)."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            fut.set_exception(ConnectionError("backplane closed"))
+            return fut
+        self._pending.append((keys.inbox(node), encode_envelope(envelope), fut))
+        self._wake.set()
+        return fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[str, dict[bytes, bytes], asyncio.Future[bool]]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for stream, fields, _ in batch:
+            pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True, nomkstream=True)  # type: ignore[arg-type]
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            self._stats.backplane_error("xadd")
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(ConnectionError(f"backplane write failed: {type(exc).__name__}"))
+            return
+        for (_, _, fut), res in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, Exception):
+                self._stats.backplane_error("xadd")
+                fut.set_exception(ConnectionError("backplane write failed"))
+            else:
+                fut.set_result(res is not None)
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._read_once()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted without persistence
+                    log.warning("inbox consumer group lost; recreating it")
+                    with contextlib.suppress(Exception):
+                        await self._ensure_group()
+                    continue
+                self._stats.backplane_error("xreadgroup")
+                log.warning("inbox read failed: %s", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception as exc:
+                self._stats.backplane_error("xreadgroup")
+                log.warning("inbox read failed: %s", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _read_once(self) -> None:
+        resp = await self._reader.xreadgroup(
+            keys.GROUP, keys.CONSUMER, {self.inbox: ">"}, count=self._count, block=self._block
+        )
+        if not resp:
+            return
+        ids = []
+        assert self._sink is not None
+        for _stream, entries in resp:
+            for entry_id, fields in entries:
+                ids.append(entry_id)
+                try:
+                    self._sink(decode_envelope(fields))
+                except Exception as exc:  # one bad entry must not stop the inbox
+                    self._stats.backplane_error("decode")
+                    log.warning("dropped an undecodable inbox entry: %s", type(exc).__name__)
+        if ids:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xack(self.inbox, keys.GROUP, *ids)
+            pipe.xdel(self.inbox, *ids)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        """Stop reading and writing; pending sends fail.  Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for _, _, fut in self._pending:
+            if not fut.done():
+                fut.set_exception(ConnectionError("backplane closed"))
+        self._pending = []
+        if self._node is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.delete(self.inbox)

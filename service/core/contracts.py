@@ -1,0 +1,134 @@
+"""The seams between the core and its backends.  Each has an in-process twin in
+``memory.py`` and a Redis implementation in ``service/backends/``; ``close()`` on every one
+of them is safe to call twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+
+class Location(NamedTuple):
+    """Where one device's connection lives: the worker (node) and the connection id."""
+
+    node: str
+    conn: str
+
+    def encode(self) -> str:
+        return f"{self.node}|{self.conn}"
+
+    @classmethod
+    def decode(cls, raw: str) -> Location:
+        node, _, conn = raw.partition("|")
+        return cls(node, conn)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Result of registering a device: ``ok`` False when the user is at its device limit;
+    ``previous`` is the live connection of the same device that this one replaces."""
+
+    ok: bool
+    previous: Location | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What travels between workers.  ``kind`` is ``deliver`` (``frame`` to ``devices`` of
+    ``user``) or ``kick`` (close connection ``conn`` of ``user``/``devices[0]`` with 4009);
+    ``ts`` is the sender's acceptance time in unix ms (for the delivery-latency metric)."""
+
+    kind: str
+    user: str
+    devices: tuple[str, ...]
+    frame: bytes = b""
+    conn: str = ""
+    ts: int = 0
+
+
+EnvelopeSink = Callable[[Envelope], None]
+
+
+class Presence(Protocol):
+    """Which devices are online and on which worker; bounded by TTLs and liveness."""
+
+    async def claim(self, user: str, device: str, loc: Location, max_devices: int) -> Claim:
+        """Register ``device`` at ``loc`` unless the user already has ``max_devices`` other
+        live devices; atomic across the cluster."""
+
+    async def release(self, user: str, device: str, loc: Location) -> None:
+        """Remove the registration if it still names ``loc`` (a newer one is left alone)."""
+
+    async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
+        """Live devices of each user (users with none map to ``{}``)."""
+
+    async def heartbeat(self, node: str, devices: Iterable[tuple[str, str, Location]]) -> None:
+        """Mark ``node`` alive for PRESENCE_TTL and re-assert its devices (user, device, loc)."""
+
+    async def ping(self) -> bool:
+        """True when the store answers now."""
+
+    async def close(self) -> None: ...
+
+
+class Backplane(Protocol):
+    """Delivery to other workers.  ``send`` resolves once the envelope is durably queued for
+    ``node`` (True) or known undeliverable because ``node`` is gone (False); it raises when
+    the backplane failed and the outcome is unknown."""
+
+    async def start(self, node: str, sink: EnvelopeSink) -> None: ...
+
+    async def send(self, node: str, envelope: Envelope) -> bool: ...
+
+    async def heartbeat(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RateLimiter(Protocol):
+    """Per-user message budget shared by every device and worker."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def period_s(self) -> int: ...
+
+    async def hit(self, user: str) -> float | None:
+        """Count one message; None when allowed, else seconds until one would be."""
+
+    async def close(self) -> None: ...
+
+
+class Stats(Protocol):
+    """Counters the core reports; ``service.metrics`` implements them for Prometheus."""
+
+    def received(self, kind: str) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+    def rate_limited(self) -> None: ...
+
+    def delivered(self, latency_s: float) -> None: ...
+
+    def backplane_error(self, op: str) -> None: ...
+
+
+class NullStats:
+    """Stats that count nothing (unit tests, tools)."""
+
+    def received(self, kind: str) -> None:
+        pass
+
+    def error(self, code: str) -> None:
+        pass
+
+    def rate_limited(self) -> None:
+        pass
+
+    def delivered(self, latency_s: float) -> None:
+        pass
+
+    def backplane_error(self, op: str) -> None:
+        pass

@@ -1,0 +1,100 @@
+"""One connection: who it is and its bounded outgoing queue.
+
+The edge owns the socket: it gives the session a ``closer`` (called at most once with a
+close code and reason) and drains ``outbox`` whenever ``ready`` is set.  Nothing in the
+core ever awaits a client: a full queue closes the connection (1008 slow consumer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import Close
+from .contracts import Location
+
+if TYPE_CHECKING:
+    from ..auth import Identity
+
+Closer = Callable[[int, str], None]
+
+
+class Session:
+    __slots__ = (
+        "identity",
+        "user_id",
+        "device_id",
+        "location",
+        "outbox",
+        "outbox_bytes",
+        "ready",
+        "closed",
+        "close_code",
+        "close_reason",
+        "strikes",
+        "_closer",
+        "_max_messages",
+        "_max_bytes",
+    )
+
+    def __init__(
+        self,
+        identity: Identity,
+        location: Location,
+        closer: Closer,
+        max_messages: int = 1024,
+        max_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.identity = identity
+        self.user_id = identity.user_id
+        self.device_id = identity.device_id
+        self.location = location
+        self.outbox: deque[bytes] = deque()
+        self.outbox_bytes = 0
+        self.ready = asyncio.Event()
+        self.closed = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        # consecutive rate-limited messages (sustained abuse closes with 1008)
+        self.strikes = 0
+        self._closer = closer
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+
+    @property
+    def conn_id(self) -> str:
+        return self.location.conn
+
+    def push(self, frame: bytes) -> bool:
+        """Queue one frame; False (and the connection closing) when the queue is full."""
+        if self.closed:
+            return False
+        if len(self.outbox) >= self._max_messages or (
+            self.outbox_bytes + len(frame) > self._max_bytes
+        ):
+            self.close(Close.POLICY, "slow consumer")
+            return False
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
+        self.ready.set()
+        return True
+
+    def take(self) -> list[bytes]:
+        """Everything queued, oldest first; the edge's writer calls this after ``ready``."""
+        frames = list(self.outbox)
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        self.ready.clear()
+        return frames
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Ask the edge to close the socket; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        self.ready.set()
+        self._closer(code, reason)

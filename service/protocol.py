@@ -1,0 +1,190 @@
+"""Every wire message of PROTOCOL.md: ``parse(frame)`` for client frames, ``encode_*`` for
+server frames.
+
+Parsing and validation happen in one msgspec step per frame.  Payloads are kept as
+``msgspec.Raw`` (the exact bytes the client sent), so the server never inspects or
+re-serialises them.  ``parse`` either returns a message or raises
+:class:`~service.errors.ProtocolError` with the code PROTOCOL.md §7 names — nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from .errors import Code, ProtocolError
+
+IDENT_PATTERN: Final = r"^[A-Za-z0-9._:@-]{1,128}$"
+MAX_ID_LEN: Final = 64
+MAX_PRESENCE_USERS: Final = 100
+MAX_WATCH_USERS: Final = 200
+
+Ident = Annotated[str, msgspec.Meta(pattern=IDENT_PATTERN)]
+NULL: Final = msgspec.Raw(b"null")
+
+DIRECT_TYPES: Final = frozenset({"offer", "answer", "candidate", "bye"})
+
+
+class _Head(msgspec.Struct):
+    """What every frame is checked for before its own schema: a string type and a valid id."""
+
+    type: Any = msgspec.UNSET
+    id: Any = msgspec.UNSET
+
+
+class Direct(msgspec.Struct):
+    """offer / answer / candidate / bye (§3)."""
+
+    type: str
+    to: Ident
+    to_device: Ident | None = None
+    payload: msgspec.Raw = NULL
+    id: str | None = None
+
+
+class Ping(msgspec.Struct):
+    type: str
+    id: str | None = None
+
+
+class PresenceQuery(msgspec.Struct):
+    type: str
+    users: Annotated[list[Ident], msgspec.Meta(max_length=MAX_PRESENCE_USERS)]
+    id: str | None = None
+
+
+class Watch(msgspec.Struct):
+    type: str
+    users: Annotated[list[Ident], msgspec.Meta(max_length=MAX_WATCH_USERS)]
+    id: str | None = None
+
+
+class Unwatch(msgspec.Struct):
+    type: str
+    users: Annotated[list[Ident], msgspec.Meta(max_length=MAX_WATCH_USERS)]
+    id: str | None = None
+
+
+class Subscribe(msgspec.Struct):
+    type: str
+    room: Ident
+    id: str | None = None
+
+
+class Unsubscribe(msgspec.Struct):
+    type: str
+    room: Ident
+    id: str | None = None
+
+
+class Publish(msgspec.Struct):
+    type: str
+    room: Ident
+    payload: msgspec.Raw = NULL
+    id: str | None = None
+
+
+class Refresh(msgspec.Struct):
+    type: str
+    token: str
+    id: str | None = None
+
+
+Message = Direct | Ping | PresenceQuery | Watch | Unwatch | Subscribe | Unsubscribe | Publish | Refresh
+
+_head = msgspec.json.Decoder(_Head)
+_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    **{t: msgspec.json.Decoder(Direct) for t in DIRECT_TYPES},
+    "ping": msgspec.json.Decoder(Ping),
+    "presence": msgspec.json.Decoder(PresenceQuery),
+    "watch": msgspec.json.Decoder(Watch),
+    "unwatch": msgspec.json.Decoder(Unwatch),
+    "subscribe": msgspec.json.Decoder(Subscribe),
+    "unsubscribe": msgspec.json.Decoder(Unsubscribe),
+    "publish": msgspec.json.Decoder(Publish),
+    "refresh": msgspec.json.Decoder(Refresh),
+}
+KNOWN_TYPES: Final = frozenset(_DECODERS)
+
+
+def parse(frame: str | bytes) -> Message:
+    """Decode and validate one client text frame.
+
+    Raises ProtocolError(bad_json | invalid_message | unknown_type); the error carries the
+    client's ``id`` only when that id is itself valid (a string of at most 64 characters).
+    """
+    try:
+        head = _head.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise ProtocolError(Code.BAD_JSON, "frame is not a JSON object") from None
+    msg_id = head.id
+    if msg_id is msgspec.UNSET or msg_id is None:
+        msg_id = None
+    elif not isinstance(msg_id, str) or len(msg_id) > MAX_ID_LEN:
+        raise ProtocolError(
+            Code.INVALID_MESSAGE, f"id must be a string of at most {MAX_ID_LEN} characters"
+        )
+    kind = head.type
+    if not isinstance(kind, str):
+        raise ProtocolError(Code.INVALID_MESSAGE, "type must be a string", msg_id)
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ProtocolError(Code.UNKNOWN_TYPE, "unknown message type", msg_id)
+    try:
+        msg: Message = decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(Code.INVALID_MESSAGE, _describe(exc), msg_id) from None
+    except msgspec.DecodeError:  # pragma: no cover - the head decode already accepted it
+        raise ProtocolError(Code.BAD_JSON, "frame is not a JSON object", msg_id) from None
+    return msg
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """msgspec's message names the field and the rule, never the value sent."""
+    text = str(exc)
+    return text.replace("Expected `str` matching regex", "expected an identifier matching")
+
+
+# --------------------------------------------------------------------------- server frames
+
+_encode = msgspec.json.Encoder().encode
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """Serialise one server frame (dict values may include msgspec.Raw payloads)."""
+    return _encode(obj)
+
+
+def encode_error(err: ProtocolError) -> bytes:
+    body: dict[str, Any] = {"type": "error", "code": str(err.code), "message": err.message}
+    if err.msg_id is not None:
+        body["id"] = err.msg_id
+    body.update(err.extra)
+    return _encode(body)
+
+
+def encode_direct(msg: Direct, from_user: str, from_device: str, ts: int) -> bytes:
+    """The frame each recipient device receives (§3); built once per message, not per device."""
+    body: dict[str, Any] = {
+        "type": msg.type,
+        "from": from_user,
+        "from_device": from_device,
+        "payload": msg.payload,
+        "ts": ts,
+    }
+    if msg.id is not None:
+        body["id"] = msg.id
+    return _encode(body)
+
+
+def with_id(body: dict[str, Any], msg_id: str | None) -> bytes:
+    """Encode a reply, echoing the client's id when it gave one."""
+    if msg_id is not None:
+        body["id"] = msg_id
+    return _encode(body)

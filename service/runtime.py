@@ -1,0 +1,126 @@
+"""One worker's wiring: the only place concrete backends are chosen and joined together.
+
+``Runtime.build(settings)`` picks Redis or the in-process twins; ``start()`` and ``close()``
+run once per worker process from the Sanic listeners (``close()`` is safe twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from .auth import Verifier
+from .config import Settings
+from .core.contracts import Backplane, Presence, RateLimiter
+from .core.hub import Hub, new_node_id
+from .core.memory import MemoryBackplane, MemoryCluster, MemoryPresence, memory_rate_limiter
+from .core.router import Router
+from .metrics import PromStats
+
+log = logging.getLogger("signaling")
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        presence: Presence,
+        backplane: Backplane,
+        limiter: RateLimiter,
+        clients: list[Any],
+    ) -> None:
+        self.settings = settings
+        self.node_id = new_node_id()
+        self.verifier = Verifier(settings)
+        self.stats = PromStats()
+        self.hub = Hub(
+            self.node_id,
+            presence,
+            backplane,
+            max_devices_per_user=settings.max_devices_per_user,
+            heartbeat_interval=settings.heartbeat_interval,
+            outbox_max_messages=settings.outbox_max_messages,
+            outbox_max_bytes=settings.outbox_max_bytes,
+            stats=self.stats,
+        )
+        self.router = Router(self.hub, limiter)
+        self.limiter = limiter
+        self.draining = False
+        self._clients = clients
+        self._closed = False
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        if settings.redis_url is None:
+            cluster = MemoryCluster(ttl=settings.presence_ttl)
+            return cls(
+                settings,
+                MemoryPresence(cluster),
+                MemoryBackplane(cluster),
+                memory_rate_limiter(settings.rate_limit),
+                [],
+            )
+        from .backends.redis_backplane import RedisBackplane
+        from .backends.redis_client import make_client
+        from .backends.redis_limits import redis_rate_limiter
+        from .backends.redis_presence import RedisPresence
+
+        url, timeout = settings.redis_url, settings.redis_timeout
+        redis = make_client(url, timeout=timeout)
+        reader = make_client(
+            url, timeout=timeout, max_connections=2,
+            socket_timeout=settings.inbox_block_ms / 1000 + timeout + 5,
+        )
+        stats = PromStats()
+        backplane = RedisBackplane(
+            redis,
+            reader,
+            ttl=settings.presence_ttl,
+            maxlen=settings.inbox_maxlen,
+            read_count=settings.inbox_read_count,
+            block_ms=settings.inbox_block_ms,
+            stats=stats,
+        )
+        return cls(
+            settings,
+            RedisPresence(redis, settings.presence_ttl),
+            backplane,
+            redis_rate_limiter(url, redis, settings.rate_limit),
+            [redis, reader],
+        )
+
+    @property
+    def clustered(self) -> bool:
+        return self.settings.redis_url is not None
+
+    async def start(self) -> None:
+        await self.hub.start()
+
+    async def ready(self) -> bool:
+        """Answerable now: not draining, and the backplane store replies within its timeout."""
+        if self.draining:
+            return False
+        try:
+            return await asyncio.wait_for(
+                self.hub.presence.ping(), timeout=self.settings.redis_timeout
+            )
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.draining = True
+        mark_dead = getattr(self.hub.presence, "mark_dead", None)
+        await self.hub.close()
+        if mark_dead is not None:
+            with contextlib.suppress(Exception):
+                await mark_dead(self.node_id)
+        with contextlib.suppress(Exception):
+            await self.limiter.close()
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
