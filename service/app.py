@@ -42,8 +42,12 @@ def create_app(settings: Settings, name: str = "signaling") -> Sanic:
     _configure_logging(settings.verbose)
     app.config.ACCESS_LOG = False  # it prints client ip:port and full URLs
     app.config.WEBSOCKET_MAX_SIZE = settings.max_message_bytes  # 1009 beyond
-    app.config.WEBSOCKET_PING_INTERVAL = settings.ws_ping_interval or None
-    app.config.WEBSOCKET_PING_TIMEOUT = settings.ws_ping_timeout or None
+    app.config.update(
+        {
+            "WEBSOCKET_PING_INTERVAL": settings.ws_ping_interval or None,
+            "WEBSOCKET_PING_TIMEOUT": settings.ws_ping_timeout or None,
+        }
+    )
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_URL_PREFIX = "/docs"
     app.config.HEALTH = True  # sanic-ext worker health monitor

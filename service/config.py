@@ -55,7 +55,7 @@ def redis_url_from(env: Mapping[str, str]) -> str | None:
     url = env.get("REDIS_URL", "").strip()
     if url:
         if not re.match(r"^(redis|rediss|unix)://", url):
-            raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://")
+            raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
         return url
     addr = env.get("REDIS_ADDR", "").strip()
     if not addr:

@@ -92,7 +92,9 @@ class Refresh(msgspec.Struct):
     id: str | None = None
 
 
-Message = Direct | Ping | PresenceQuery | Watch | Unwatch | Subscribe | Unsubscribe | Publish | Refresh
+Message = (
+    Direct | Ping | PresenceQuery | Watch | Unwatch | Subscribe | Unsubscribe | Publish | Refresh
+)
 
 _head = msgspec.json.Decoder(_Head)
 _DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {

@@ -105,7 +105,8 @@ async def websocket_handler(request: Request, ws: Any) -> None:
     does reaches Sanic's error logger (which would print the URL)."""
     rt: Runtime = request.app.ctx.runtime
     identity: Identity = request.ctx.identity
-    conn_id = secrets.token_urlsafe(12)
+    # opaque to clients; the node prefix tells operators (and tests) which worker holds it
+    conn_id = f"{rt.node_id}.{secrets.token_urlsafe(9)}"
 
     def closer(code: int, reason: str) -> None:
         if code == Close.POLICY:  # slow consumer / abuse: do not wait on a client that stalls

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -25,6 +26,7 @@ from . import keys
 
 log = logging.getLogger("signaling.backplane")
 
+_Pending = tuple[str, dict[bytes, bytes], "asyncio.Future[bool]"]
 _KIND = {"deliver": b"d", "kick": b"k"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 
@@ -74,7 +76,7 @@ class RedisBackplane:
         self._stats: Stats = stats or NullStats()
         self._node: str | None = None
         self._sink: EnvelopeSink | None = None
-        self._pending: list[tuple[str, dict[bytes, bytes], asyncio.Future[bool]]] = []
+        self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -110,7 +112,7 @@ class RedisBackplane:
 
     # ------------------------------------------------------------------ writing
 
-    def send(self, node: str, envelope: Envelope) -> asyncio.Future[bool]:  # type: ignore[override]
+    def send(self, node: str, envelope: Envelope) -> asyncio.Future[bool]:
         """Queue for this tick's pipeline; the future says whether ``node``'s inbox took it
         (False: that worker is gone) or raises if Redis failed (outcome unknown)."""
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -122,14 +124,14 @@ class RedisBackplane:
         return fut
 
     async def _write_loop(self) -> None:
-        while True:
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
             if batch:
                 await self._flush(batch)
 
-    async def _flush(self, batch: list[tuple[str, dict[bytes, bytes], asyncio.Future[bool]]]) -> None:
+    async def _flush(self, batch: list[_Pending]) -> None:
         pipe = self._redis.pipeline(transaction=False)
         for stream, fields, _ in batch:
             pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True, nomkstream=True)  # type: ignore[arg-type]
@@ -139,7 +141,9 @@ class RedisBackplane:
             self._stats.backplane_error("xadd")
             for _, _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(ConnectionError(f"backplane write failed: {type(exc).__name__}"))
+                    fut.set_exception(
+                        ConnectionError(f"backplane write failed: {type(exc).__name__}")
+                    )
             return
         for (_, _, fut), res in zip(batch, results, strict=True):
             if fut.done():
@@ -154,7 +158,9 @@ class RedisBackplane:
 
     async def _read_loop(self) -> None:
         backoff = 0.05
-        while True:
+        # redis-py may turn a cancellation inside a blocking read into a connection error,
+        # so the loop also stops on the closed flag.
+        while not self._closed:
             try:
                 await self._read_once()
                 backoff = 0.05
@@ -177,7 +183,7 @@ class RedisBackplane:
                 backoff = min(backoff * 2, 2.0)
 
     async def _read_once(self) -> None:
-        resp = await self._reader.xreadgroup(
+        resp: Any = await self._reader.xreadgroup(
             keys.GROUP, keys.CONSUMER, {self.inbox: ">"}, count=self._count, block=self._block
         )
         if not resp:

@@ -16,6 +16,6 @@ def redis_rate_limiter(url: str, redis: Redis, rate: str) -> LimitsRateLimiter:
         f"async+{scheme}://{rest}",
         implementation="redispy",
         key_prefix=LIMITS_PREFIX,
-        connection_pool=redis.connection_pool,
+        connection_pool=redis.connection_pool,  # type: ignore[arg-type]
     )
     return LimitsRateLimiter(storage, rate)

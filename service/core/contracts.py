@@ -4,7 +4,7 @@ of them is safe to call twice."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -79,7 +79,7 @@ class Backplane(Protocol):
 
     async def start(self, node: str, sink: EnvelopeSink) -> None: ...
 
-    async def send(self, node: str, envelope: Envelope) -> bool: ...
+    def send(self, node: str, envelope: Envelope) -> Awaitable[bool]: ...
 
     async def heartbeat(self) -> None: ...
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..errors import Close
 from ..protocol import now_ms
-from .contracts import Backplane, Envelope, Location, NullStats, Presence, Stats
+from .contracts import Backplane, Envelope, NullStats, Presence, Stats
 from .session import Session
 
 log = logging.getLogger("signaling.hub")
@@ -115,9 +115,8 @@ class Hub:
         prev = claim.previous
         if prev is not None and prev.node != self.node_id:
             try:
-                await self.backplane.send(
-                    prev.node, Envelope("kick", session.user_id, (session.device_id,), conn=prev.conn)
-                )
+                kick = Envelope("kick", session.user_id, (session.device_id,), conn=prev.conn)
+                await self.backplane.send(prev.node, kick)
             except Exception:  # the old worker is unreachable; its presence expires anyway
                 self.stats.backplane_error("kick")
 

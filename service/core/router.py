@@ -169,7 +169,9 @@ class Router:
         nodes = list(remote)
         results = await asyncio.gather(
             *(
-                self.hub.backplane.send(n, Envelope("deliver", user, tuple(remote[n]), frame, ts=ts))
+                self.hub.backplane.send(
+                    n, Envelope("deliver", user, tuple(remote[n]), frame, ts=ts)
+                )
                 for n in nodes
             ),
             return_exceptions=True,

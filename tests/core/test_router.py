@@ -1,0 +1,195 @@
+"""The routing rules of PROTOCOL.md §3, §5, §6, §7 on the in-memory twins: two simulated
+workers sharing one MemoryCluster, no sockets, no timers."""
+
+from __future__ import annotations
+
+import json
+
+from service.core.contracts import Location
+from tests.core.conftest import frames
+
+
+async def test_offer_reaches_every_device_across_workers_with_ack(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    bob1 = await a.connect("bob", "b1")
+    bob2 = await b.connect("bob", "b2")
+    await a.send(alice, type="offer", to="bob", payload={"sdp": "x"}, id="m1")
+    got1, got2 = frames(bob1), frames(bob2)
+    assert got1 == got2
+    assert got1[0]["type"] == "offer" and got1[0]["from"] == "alice"
+    assert got1[0]["from_device"] == "a1" and got1[0]["payload"] == {"sdp": "x"}
+    assert got1[0]["id"] == "m1" and isinstance(got1[0]["ts"], int)
+    assert frames(alice) == [{"type": "ack", "id": "m1", "devices": 2}]
+
+
+async def test_payload_bytes_are_forwarded_untouched(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    bob = await b.connect("bob", "b1")
+    raw_payload = '{ "sdp" :"v=0\\r\\n\\u00e9" ,"n":1.50e3 }'
+    await a.router.handle(alice, '{"type":"answer","to":"bob","payload":' + raw_payload + "}")
+    from tests.core.conftest import settle
+
+    await settle()
+    [frame] = bob.take()
+    assert raw_payload.encode() in frame
+    assert frames(alice) == []  # no id: no ack
+
+
+async def test_to_device_and_never_back_to_sender(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    me1 = await a.connect("me", "d1")
+    me2 = await b.connect("me", "d2")
+    await a.send(me1, type="candidate", to="me", payload="c", id="x")
+    assert [f["type"] for f in frames(me2)] == ["candidate"]
+    assert frames(me1) == [{"type": "ack", "id": "x", "devices": 1}]
+    await a.send(me1, type="bye", to="me", to_device="d1", id="y")
+    [err] = frames(me1)
+    assert err["code"] == "peer_offline" and err["id"] == "y" and err["to"] == "me"
+    assert frames(me2) == []
+
+
+async def test_peer_offline_with_and_without_id(make_node):
+    a = await make_node("A")
+    alice = await a.connect("alice", "a1")
+    await a.send(alice, type="offer", to="nobody", payload={})
+    [err] = frames(alice)
+    assert err == {
+        "type": "error", "code": "peer_offline", "message": err["message"], "to": "nobody"
+    }
+    bob = await a.connect("bob", "b1")
+    await a.send(alice, type="offer", to="bob", to_device="b9", id="q")
+    [err] = frames(alice)
+    assert (err["code"], err["id"]) == ("peer_offline", "q")
+    assert frames(bob) == []
+
+
+async def test_order_is_preserved_per_sender(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    bob = await b.connect("bob", "b1")
+    for i in range(100):
+        await a.router.handle(alice, json.dumps({"type": "candidate", "to": "bob", "payload": i}))
+    from tests.core.conftest import settle
+
+    await settle()
+    assert [f["payload"] for f in frames(bob)] == list(range(100))
+
+
+async def test_dead_worker_devices_are_offline_after_ttl(make_node, clock):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    await b.connect("bob", "b1")
+    await a.send(alice, type="presence", users=["bob"])
+    assert frames(alice)[0]["users"]["bob"] == {"online": True, "devices": ["b1"]}
+    clock.t += 16  # B stops heart-beating; A beats
+    await a.hub.beat()
+    await a.send(alice, type="presence", users=["bob"])
+    assert frames(alice)[0]["users"]["bob"] == {"online": False, "devices": []}
+    await a.send(alice, type="offer", to="bob", id="z")
+    assert frames(alice)[0]["code"] == "peer_offline"
+
+
+async def test_presence_query_lists_devices_and_echoes_id(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    q = await a.connect("q", "q1")
+    await a.connect("u1", "d2")
+    await b.connect("u1", "d1")
+    await a.send(q, type="presence", users=["u1", "u2", "u1"], id="p")
+    assert frames(q) == [{
+        "type": "presence",
+        "users": {"u1": {"online": True, "devices": ["d1", "d2"]},
+                  "u2": {"online": False, "devices": []}},
+        "id": "p",
+    }]
+    await a.send(q, type="presence", users=[f"u{i}" for i in range(101)], id="big")
+    [err] = frames(q)
+    assert (err["code"], err["id"]) == ("invalid_message", "big")
+
+
+async def test_disconnect_releases_presence(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    q = await a.connect("q", "q1")
+    bob = await b.connect("bob", "b1")
+    await b.hub.disconnect(bob)
+    await a.send(q, type="presence", users=["bob"])
+    assert frames(q)[0]["users"]["bob"]["online"] is False
+
+
+async def test_ping_and_errors_keep_going(make_node):
+    a = await make_node("A")
+    s = await a.connect("alice", "a1")
+    await a.router.handle(s, "{nope")
+    await a.router.handle_binary(s)
+    await a.send(s, type="what", id="u")
+    await a.send(s, type="ping", id="p")
+    out = frames(s)
+    assert [f.get("code") for f in out[:3]] == ["bad_json", "bad_frame", "unknown_type"]
+    assert out[2]["id"] == "u"
+    assert out[3]["type"] == "pong" and out[3]["id"] == "p" and isinstance(out[3]["ts"], int)
+    assert not s.closed
+
+
+async def test_rate_limit_is_per_user_across_devices_and_workers(make_node):
+    a, b = await make_node("A", rate="4/minute"), await make_node("B", rate="4/minute")
+    # one shared limiter storage, as Redis would be for the cluster
+    b.router.limiter = a.router.limiter
+    d1 = await a.connect("spam", "d1")
+    d2 = await b.connect("spam", "d2")
+    other = await a.connect("calm", "c1")
+    for s, node in ((d1, a), (d2, b), (d1, a), (d2, b)):
+        await node.send(s, type="ping")
+    assert all(f["type"] == "pong" for f in frames(d1) + frames(d2))
+    await b.send(d2, type="ping", id="over")
+    [err] = frames(d2)
+    assert err["code"] == "rate_limited" and err["id"] == "over"
+    assert isinstance(err["retry_after_ms"], int) and 0 < err["retry_after_ms"] <= 60_000
+    await a.send(other, type="ping")
+    assert frames(other)[0]["type"] == "pong"
+    assert not d2.closed
+
+
+async def test_sustained_abuse_closes_with_1008(make_node):
+    a = await make_node("A", rate="1/minute")
+    s = await a.connect("abuser", "d")
+    for _ in range(60):
+        await a.router.handle(s, '{"type":"ping"}')
+    assert s.closed and s.close_code == 1008
+    assert s.closes == [(1008, "sustained abuse")]
+
+
+async def test_device_limit_and_takeover(make_node):
+    a, b = await make_node("A", max_devices_per_user=2), await make_node("B",
+                                                                        max_devices_per_user=2)
+    old = await a.connect("u", "d1")
+    await b.connect("u", "d2")
+    from service.core.hub import TooManyDevices
+
+    try:
+        await b.connect("u", "d3")
+    except TooManyDevices:
+        pass
+    else:
+        raise AssertionError("third device accepted")
+    new = await b.connect("u", "d1")  # same device elsewhere: replaces, not counted
+    from tests.core.conftest import settle
+
+    await settle()
+    assert old.closed and old.close_code == 4009
+    located = await a.hub.presence.locate(["u"])
+    assert located["u"]["d1"] == new.location
+    await a.hub.disconnect(old)  # the old one's cleanup must not remove the new claim
+    assert (await a.hub.presence.locate(["u"]))["u"]["d1"] == Location("B", new.conn_id)
+
+
+async def test_slow_consumer_is_closed_and_sender_unaffected(make_node):
+    a = await make_node("A")
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1", max_messages=5)
+    for i in range(6):
+        await a.send(alice, type="candidate", to="bob", payload=i, id=str(i))
+    assert bob.closed and bob.close_code == 1008 and bob.close_reason == "slow consumer"
+    acks = frames(alice)
+    assert [f["type"] for f in acks[:5]] == ["ack"] * 5
+    assert acks[5]["code"] == "peer_offline"

@@ -1,0 +1,129 @@
+"""The Redis Streams backplane against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from service.backends import keys
+from service.backends.redis_backplane import RedisBackplane
+from service.backends.redis_client import make_client
+from service.core.contracts import Envelope
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.got: list[Envelope] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, env: Envelope) -> None:
+        self.got.append(env)
+        self.event.set()
+
+    async def wait_for(self, n: int, timeout: float = 5.0) -> list[Envelope]:
+        async with asyncio.timeout(timeout):
+            while len(self.got) < n:
+                self.event.clear()
+                await self.event.wait()
+        return self.got
+
+
+@pytest.fixture
+async def make_bp(redis_url: str, redis: Any) -> AsyncIterator[Any]:
+    made: list[tuple[RedisBackplane, Any]] = []
+
+    async def make(node: str, **kw: Any) -> tuple[RedisBackplane, Inbox]:
+        reader = make_client(redis_url, timeout=2.0, socket_timeout=5.0)
+        bp = RedisBackplane(redis, reader, ttl=10, block_ms=200, **kw)
+        inbox = Inbox()
+        await bp.start(node, inbox)
+        made.append((bp, reader))
+        return bp, inbox
+
+    yield make
+    for bp, reader in made:
+        await bp.close()
+        await bp.close()  # safe twice
+        await reader.aclose()
+
+
+async def test_delivery_in_order_and_acked_and_deleted(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    envs = [Envelope("deliver", "bob", ("d1", "d2"), b'{"n":%d}' % i, ts=i) for i in range(300)]
+    results = await asyncio.gather(*(a.send("B", e) for e in envs))
+    assert results == [True] * 300
+    got = await inbox_b.wait_for(300)
+    assert got == envs
+    await asyncio.sleep(0.3)  # the reader acks+deletes after handing entries over
+    assert await redis.xlen(keys.inbox("B")) == 0
+    pending = await redis.xpending(keys.inbox("B"), keys.GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_one_tick_of_sends_is_one_pipeline(make_bp: Any, monkeypatch: Any) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    calls: list[int] = []
+    flush = a._flush
+
+    async def counting(batch: Any) -> None:
+        calls.append(len(batch))
+        await flush(batch)
+
+    monkeypatch.setattr(a, "_flush", counting)
+    futs = [a.send("B", Envelope("deliver", "u", ("d",), b"x")) for _ in range(50)]
+    assert all(await asyncio.gather(*futs))
+    assert calls == [50]
+    await inbox_b.wait_for(50)
+
+
+async def test_send_to_a_gone_worker_is_false_and_creates_nothing(
+    make_bp: Any, redis: Any
+) -> None:
+    a, _ = await make_bp("A")
+    assert await a.send("ghost", Envelope("kick", "u", ("d",), conn="c")) is False
+    assert not await redis.exists(keys.inbox("ghost"))
+
+
+async def test_inbox_expires_and_heartbeat_refreshes_it(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    assert 0 < await redis.ttl(keys.inbox("A")) <= 20
+    await redis.persist(keys.inbox("A"))
+    await a.heartbeat()
+    assert 0 < await redis.ttl(keys.inbox("A")) <= 20
+
+
+async def test_reader_recovers_after_redis_lost_everything(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    await redis.flushall()  # like a restart without persistence: NOGROUP next read
+    assert await a.send("B", Envelope("deliver", "u", ("d",), b"lost")) is False
+    await asyncio.sleep(0.5)
+    ok = False
+    for _ in range(50):
+        if await a.send("B", Envelope("deliver", "u", ("d",), b"back")):
+            ok = True
+            break
+        await asyncio.sleep(0.1)
+    assert ok, "inbox of B was not recreated"
+    got = await inbox_b.wait_for(1)
+    assert got[-1].frame == b"back"
+
+
+async def test_write_failure_raises_not_false(redis_url: str) -> None:
+    from tests.support import free_port
+
+    dead = make_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    bp = RedisBackplane(dead, dead, ttl=10)
+    loop_task = asyncio.create_task(bp._write_loop())
+    try:
+        with pytest.raises(ConnectionError):
+            await bp.send("B", Envelope("deliver", "u", ("d",), b"x"))
+    finally:
+        loop_task.cancel()
+        await bp.close()
+        await dead.aclose()

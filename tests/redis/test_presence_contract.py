@@ -1,0 +1,105 @@
+"""One contract suite for presence, run against the in-memory twin and real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from service.backends import keys
+from service.backends.redis_client import make_client
+from service.backends.redis_presence import RedisPresence
+from service.core.contracts import Location
+from service.core.memory import MemoryCluster, MemoryPresence
+
+
+class Twin:
+    def __init__(self, presence: Any, kill: Any) -> None:
+        self.p = presence
+        self.kill = kill
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def twin(request: pytest.FixtureRequest) -> AsyncIterator[Twin]:
+    if request.param == "memory":
+        cluster = MemoryCluster(ttl=15)
+
+        async def kill_mem(node: str) -> None:
+            cluster.alive_until.pop(node, None)
+
+        yield Twin(MemoryPresence(cluster), kill_mem)
+        return
+    redis = make_client(request.getfixturevalue("redis_url"), timeout=2.0)
+
+    async def kill_redis(node: str) -> None:
+        await redis.delete(keys.node_alive(node))
+
+    yield Twin(RedisPresence(redis, ttl=15), kill_redis)
+    await redis.aclose()
+
+
+A1, A2, B1 = Location("A", "A.1"), Location("A", "A.2"), Location("B", "B.1")
+
+
+async def test_claim_locate_release(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    assert (await p.claim("u", "d1", A1, 10)).ok
+    assert (await p.claim("u", "d2", B1, 10)).ok
+    assert await p.locate(["u", "v"]) == {"u": {"d1": A1, "d2": B1}, "v": {}}
+    await p.release("u", "d1", A1)
+    assert await p.locate(["u"]) == {"u": {"d2": B1}}
+
+
+async def test_device_limit_counts_other_devices_only(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    assert (await p.claim("u", "d1", A1, 2)).ok
+    assert (await p.claim("u", "d2", A2, 2)).ok
+    third = await p.claim("u", "d3", Location("A", "A.3"), 2)
+    assert not third.ok
+    again = await p.claim("u", "d1", Location("A", "A.9"), 2)
+    assert again.ok and again.previous == A1
+
+
+async def test_release_leaves_a_newer_claim_alone(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    await p.claim("u", "d1", A1, 10)
+    await p.claim("u", "d1", B1, 10)
+    await p.release("u", "d1", A1)
+    assert await p.locate(["u"]) == {"u": {"d1": B1}}
+
+
+async def test_devices_of_a_dead_node_vanish_and_free_the_limit(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    await p.claim("u", "d1", A1, 1)
+    assert not (await p.claim("u", "d2", B1, 1)).ok
+    await twin.kill("A")
+    assert await p.locate(["u"]) == {"u": {}}
+    assert (await p.claim("u", "d2", B1, 1)).ok
+
+
+async def test_heartbeat_restores_lost_registrations_without_overwriting(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [("u", "d1", A1)])
+    await p.heartbeat("B", [])
+    await p.claim("u", "d2", B1, 10)
+    # A re-asserts d1 (lost, e.g. Redis restarted) and an old claim of d2 (taken over by B)
+    await p.heartbeat("A", [("u", "d1", A1), ("u", "d2", A2)])
+    assert await p.locate(["u"]) == {"u": {"d1": A1, "d2": B1}}
+
+
+async def test_redis_keys_have_ttls_and_no_addresses(redis: Any) -> None:
+    p = RedisPresence(redis, ttl=7)
+    await p.heartbeat("A", [])
+    await p.claim("u", "d1", A1, 10)
+    assert 0 < await redis.ttl(keys.devices("u")) <= 7
+    assert 0 < await redis.ttl(keys.node_alive("A")) <= 7
+    for key in await redis.keys("*"):
+        assert await redis.ttl(key) > 0, key
