@@ -13,7 +13,7 @@ from typing import Any
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json, raw
 
-from . import metrics, privacy
+from . import __version__, metrics, privacy
 from .config import ConfigError, Settings
 from .errors import Close
 from .runtime import Runtime
@@ -48,6 +48,9 @@ def create_app(settings: Settings, name: str = "signaling") -> Sanic:
             "WEBSOCKET_PING_TIMEOUT": settings.ws_ping_timeout or None,
         }
     )
+    app.config.API_TITLE = "Liberty Reach Signaling"
+    app.config.API_VERSION = __version__
+    app.config.API_DESCRIPTION = "HTTP endpoints; the WebSocket protocol is docs/PROTOCOL.md"
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_URL_PREFIX = "/docs"
     app.config.HEALTH = True  # sanic-ext worker health monitor
