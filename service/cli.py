@@ -45,7 +45,7 @@ def server_argv(args: argparse.Namespace, env: dict[str, str]) -> list[str]:
         env["VERBOSE"] = "1"
     host, port = parse_addr(args.addr)
     argv = [sys.executable, "-m", "sanic", "service.app", "--host", host, "--port", str(port)]
-    argv += ["--workers", str(args.workers)]
+    argv += ["--workers", str(args.workers), "--no-access-logs"]
     if args.cert or args.key:
         if not (args.cert and args.key):
             raise ValueError("--cert and --key go together")

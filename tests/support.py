@@ -150,6 +150,7 @@ def start_server(
     port: int | None = None,
     wait_ready: bool = True,
     timeout: float = 30,
+    probe_scheme: str = "http",
 ) -> ServerProcess:
     """Start a server and wait until /health answers (and /ready, unless told not to)."""
     port = port or free_port()
@@ -170,12 +171,25 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
         with contextlib.suppress(OSError):
-            status, _ = server.get(path)
+            if probe_scheme == "https":
+                status = _probe_https(port, path)
+            else:
+                status, _ = server.get(path)
             if status == 200:
                 return server
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not become ready:\n{server.log()[-3000:]}")
+
+
+def _probe_https(port: int, path: str) -> int:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", timeout=2, context=ctx) as r:
+        return int(r.status)
 
 
 @contextlib.contextmanager
