@@ -17,6 +17,7 @@ from .core.contracts import Backplane, Presence, RateLimiter
 from .core.hub import Hub, new_node_id
 from .core.memory import MemoryBackplane, MemoryCluster, MemoryPresence, memory_rate_limiter
 from .core.router import Router
+from .ice import ice_fields
 from .metrics import PromStats
 
 log = logging.getLogger("signaling")
@@ -41,11 +42,17 @@ class Runtime:
             backplane,
             max_devices_per_user=settings.max_devices_per_user,
             heartbeat_interval=settings.heartbeat_interval,
-            outbox_max_messages=settings.outbox_max_messages,
-            outbox_max_bytes=settings.outbox_max_bytes,
+            token_expiring_notice=settings.token_expiring_notice,
             stats=self.stats,
         )
-        self.router = Router(self.hub, limiter)
+        self.router = Router(
+            self.hub,
+            limiter,
+            verify=self.verifier.verify,
+            extras=lambda identity: ice_fields(settings, identity.user_id),
+            max_rooms_per_connection=settings.max_rooms_per_connection,
+            max_room_members=settings.max_room_members,
+        )
         self.limiter = limiter
         self.draining = False
         self._clients = clients

@@ -22,6 +22,7 @@ from .core.contracts import Location
 from .core.hub import TooManyDevices
 from .core.session import Session
 from .errors import AuthError, Close, HttpCode
+from .ice import ice_fields
 from .protocol import encode, now_ms
 from .runtime import Runtime
 
@@ -87,17 +88,17 @@ async def upgrade_gate(request: Request) -> HTTPResponse | None:
 
 
 def _welcome(rt: Runtime, identity: Identity, conn_id: str) -> bytes:
-    return encode(
-        {
-            "type": "welcome",
-            "user_id": identity.user_id,
-            "device_id": identity.device_id,
-            "connection_id": conn_id,
-            "expires_at": identity.expires_at,
-            "server_time": now_ms(),
-            "rate_limit": {"limit": rt.limiter.limit, "period_s": rt.limiter.period_s},
-        }
-    )
+    body = {
+        "type": "welcome",
+        "user_id": identity.user_id,
+        "device_id": identity.device_id,
+        "connection_id": conn_id,
+        "expires_at": identity.expires_at,
+        "server_time": now_ms(),
+        "rate_limit": {"limit": rt.limiter.limit, "period_s": rt.limiter.period_s},
+    }
+    body.update(ice_fields(rt.settings, identity.user_id))
+    return encode(body)
 
 
 async def websocket_handler(request: Request, ws: Any) -> None:

@@ -110,6 +110,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal the main process and wait; then kill whatever is left of its process
+        group (workers orphaned by a SIGKILL, or a main process stuck in Sanic's startup
+        handshake when the signal came too early)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -117,6 +120,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         return int(self.proc.returncode)
 
 
@@ -163,7 +168,9 @@ def start_server(
                "--port", str(port), "--workers", str(workers)]
     cmd += extra_args or []
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = ServerProcess(port, proc, log_path, env)
     deadline = time.monotonic() + timeout
     path = "/ready" if wait_ready else "/health"

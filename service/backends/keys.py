@@ -18,6 +18,16 @@ def devices(user: str) -> str:
     return f"{PREFIX}dev:{user}"
 
 
+def room(name: str) -> str:
+    """Hash "user/device" -> "node|conn" of one room's members; TTL 2 x PRESENCE_TTL."""
+    return f"{PREFIX}room:{name}"
+
+
+def watchers(user: str) -> str:
+    """Set of nodes watching ``user``'s presence; TTL 2 x PRESENCE_TTL."""
+    return f"{PREFIX}watch:{user}"
+
+
 def node_alive_prefix() -> str:
     return f"{PREFIX}node:"
 

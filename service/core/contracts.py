@@ -8,6 +8,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+Member = tuple[str, str]
+"""(user_id, device_id) of a room member."""
+
 
 class Location(NamedTuple):
     """Where one device's connection lives: the worker (node) and the connection id."""
@@ -35,8 +38,13 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """What travels between workers.  ``kind`` is ``deliver`` (``frame`` to ``devices`` of
-    ``user``) or ``kick`` (close connection ``conn`` of ``user``/``devices[0]`` with 4009);
+    """What travels between workers.  ``kind`` is
+
+    - ``deliver``: ``frame`` to ``devices`` of ``user``;
+    - ``members``: ``frame`` to room members, ``devices`` holding ``"user/device"`` entries;
+    - ``kick``: close connection ``conn`` of ``user``/``devices[0]`` with 4009;
+    - ``presence``: the online devices of ``user`` changed; watchers here re-read them.
+
     ``ts`` is the sender's acceptance time in unix ms (for the delivery-latency metric)."""
 
     kind: str
@@ -63,8 +71,43 @@ class Presence(Protocol):
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         """Live devices of each user (users with none map to ``{}``)."""
 
-    async def heartbeat(self, node: str, devices: Iterable[tuple[str, str, Location]]) -> None:
-        """Mark ``node`` alive for PRESENCE_TTL and re-assert its devices (user, device, loc)."""
+    async def heartbeat(
+        self,
+        node: str,
+        devices: Iterable[tuple[str, str, Location]],
+        rooms: Iterable[tuple[str, Member, Location]] = (),
+        watched: Iterable[str] = (),
+    ) -> None:
+        """Mark ``node`` alive for PRESENCE_TTL and re-assert what it holds: its devices
+        (user, device, loc), room memberships (room, member, loc) and watched users.  Only
+        fills in what is missing (a Redis restart), never overwrites a newer claim."""
+
+    async def sweep(
+        self, users: Sequence[str], rooms: Sequence[str]
+    ) -> tuple[list[str], dict[str, list[Member]]]:
+        """Remove registrations of dead workers from these users and rooms.  Returns the
+        users whose devices changed and the members removed per room — each removal is
+        returned to exactly one caller in the cluster, which reports it."""
+
+    async def join(
+        self, room: str, member: Member, loc: Location, max_members: int
+    ) -> dict[Member, Location] | None:
+        """Add ``member`` to ``room`` (atomic); None when the room is full.  Returns the
+        other live members."""
+
+    async def leave(self, room: str, member: Member, loc: Location) -> bool:
+        """Remove ``member`` if it is still ``loc``; True when it was removed."""
+
+    async def members(self, room: str) -> dict[Member, Location]:
+        """The live members of ``room``."""
+
+    async def watch(self, node: str, users: Sequence[str]) -> None:
+        """``node`` wants presence changes of ``users``."""
+
+    async def unwatch(self, node: str, users: Sequence[str]) -> None: ...
+
+    async def watchers(self, user: str) -> set[str]:
+        """Nodes that watch ``user`` (may include dead ones: sends to them just fail)."""
 
     async def ping(self) -> bool:
         """True when the store answers now."""

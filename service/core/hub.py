@@ -1,22 +1,28 @@
-"""The sessions of this worker, by user and device, and everything that joins or leaves it.
+"""The sessions of this worker — by user and device, by room, by watched user — and
+everything that joins or leaves them.
 
 ``Hub`` is the one object a worker's edge talks to for the connection lifecycle:
-``connect`` registers a session cluster-wide (or refuses it), ``disconnect`` releases it,
-``on_envelope`` takes what other workers sent here.  ``start``/``close`` run the heartbeat;
-``close`` is safe to call twice.
+``connect`` registers a session cluster-wide (or refuses it), ``disconnect`` releases it and
+everything it held, ``on_envelope`` takes what other workers sent here.  ``start``/``close``
+run the heartbeat (liveness, re-assertion, the janitor that reports members of dead workers)
+and the token-expiry clock; ``close`` is safe to call twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from ..errors import Close
-from ..protocol import now_ms
-from .contracts import Backplane, Envelope, NullStats, Presence, Stats
+from ..protocol import encode, now_ms
+from .contracts import Backplane, Envelope, Location, Member, NullStats, Presence, Stats
 from .session import Session
 
 log = logging.getLogger("signaling.hub")
@@ -35,10 +41,10 @@ class Hub:
         *,
         max_devices_per_user: int = 10,
         heartbeat_interval: float = 5.0,
-        outbox_max_messages: int = 1024,
-        outbox_max_bytes: int = 4 * 1024 * 1024,
+        token_expiring_notice: int = 60,
         stats: Stats | None = None,
         clock_ms: Callable[[], int] = now_ms,
+        clock_s: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
         self.presence = presence
@@ -46,10 +52,17 @@ class Hub:
         self.stats: Stats = stats or NullStats()
         self.max_devices_per_user = max_devices_per_user
         self.heartbeat_interval = heartbeat_interval
-        self._outbox = (outbox_max_messages, outbox_max_bytes)
+        self.token_expiring_notice = token_expiring_notice
         self._clock_ms = clock_ms
+        self._clock_s = clock_s
         self.sessions: dict[str, dict[str, Session]] = {}
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.rooms: dict[str, dict[Member, Session]] = {}
+        self.watchers: dict[str, set[Session]] = {}
+        self._deadlines: list[tuple[float, int, str, Session, int]] = []
+        self._seq = itertools.count()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._refresh_pending: dict[str, bool] = {}
+        self._loops: list[asyncio.Task[None]] = []
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -58,31 +71,50 @@ class Hub:
         """Mark this node alive and start its inbox; call once per worker before serving."""
         await self.beat()
         await self.backplane.start(self.node_id, self.on_envelope)
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self._loops = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._expiry_loop(), name="token-expiry"),
+        ]
 
     async def close(self) -> None:
-        """Stop the heartbeat and the backplane; open sessions are the edge's to close."""
+        """Stop the loops and the backplane; open sessions are the edge's to close."""
         if self._closed:
             return
         self._closed = True
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.backplane.close()
         await self.presence.close()
 
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def beat(self) -> None:
-        """One heartbeat: liveness of this node, its inbox and every local device."""
+        """One heartbeat: liveness of this node and everything it holds, then the janitor:
+        members of dead workers in our rooms are reported ``left``, devices of dead workers
+        of users we watch are reported ``presence_changed``."""
         await self.presence.heartbeat(
             self.node_id,
+            ((s.user_id, s.device_id, s.location) for s in self.all_sessions()),
             (
-                (s.user_id, s.device_id, s.location)
-                for devices in self.sessions.values()
-                for s in devices.values()
+                (room, member, s.location)
+                for room, members in self.rooms.items()
+                for member, s in members.items()
             ),
+            list(self.watchers),
         )
         await self.backplane.heartbeat()
+        changed, left = await self.presence.sweep(list(self.watchers), list(self.rooms))
+        for user in changed:
+            await self.notify_presence(user)
+        for room, members in left.items():
+            for member in members:
+                await self._announce(room, "left", member)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -119,26 +151,67 @@ class Hub:
                 await self.backplane.send(prev.node, kick)
             except Exception:  # the old worker is unreachable; its presence expires anyway
                 self.stats.backplane_error("kick")
+        self.schedule_expiry(session)
+        await self.notify_presence(session.user_id)
 
     async def disconnect(self, session: Session) -> None:
         """Forget the session here and, unless a newer connection took the device, in the
-        cluster.  Safe to call for a session that never connected."""
+        cluster: its rooms are left (others get ``left``), its watches dropped, watchers of
+        its user told.  Safe to call for a session that never connected, and twice."""
         devices = self.sessions.get(session.user_id)
         if devices is not None and devices.get(session.device_id) is session:
             del devices[session.device_id]
             if not devices:
                 del self.sessions[session.user_id]
+        await self.unwatch(session, list(session.watching))
+        for room in list(session.rooms):
+            await self.leave(session, room)
         await self.presence.release(session.user_id, session.device_id, session.location)
+        await self.notify_presence(session.user_id)
 
     def local(self, user: str, device: str) -> Session | None:
         devices = self.sessions.get(user)
         return devices.get(device) if devices else None
 
+    def all_sessions(self) -> Iterable[Session]:
+        for devices in self.sessions.values():
+            yield from devices.values()
+
     @property
     def connection_count(self) -> int:
         return sum(len(d) for d in self.sessions.values())
 
-    # ------------------------------------------------------------------ delivery
+    # ------------------------------------------------------------------ token expiry
+
+    def schedule_expiry(self, session: Session) -> None:
+        """(Re)arm the ``token_expiring`` notice and the 4001 close for the session's
+        current expiry; older entries are ignored when they come due."""
+        exp = session.expires_at
+        heapq.heappush(
+            self._deadlines,
+            (exp - self.token_expiring_notice, next(self._seq), "notice", session, exp),
+        )
+        heapq.heappush(self._deadlines, (exp, next(self._seq), "expire", session, exp))
+
+    def expire_due(self, now: float | None = None) -> None:
+        """Act on every deadline that has come; the expiry loop calls this each second."""
+        now = self._clock_s() if now is None else now
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, kind, session, exp = heapq.heappop(self._deadlines)
+            if session.closed or session.expires_at != exp:
+                continue  # closed, or refreshed since
+            if kind == "expire":
+                session.close(Close.TOKEN_EXPIRED, "token expired")
+            elif not session.expiry_notified:
+                session.expiry_notified = True
+                session.push(encode({"type": "token_expiring", "expires_at": exp}))
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.expire_due()
+
+    # ------------------------------------------------------------------ direct delivery
 
     def deliver(self, user: str, devices: tuple[str, ...] | list[str], frame: bytes) -> int:
         """Queue ``frame`` for the named local devices; returns how many took it."""
@@ -152,15 +225,155 @@ class Hub:
                 n += 1
         return n
 
+    async def send_members(self, room: str, targets: dict[Member, Location], frame: bytes) -> int:
+        """Deliver ``frame`` to these room members: local ones directly, one envelope per
+        other worker.  Returns the devices it was handed to."""
+        local_room = self.rooms.get(room, {})
+        remote: dict[str, list[str]] = {}
+        n = 0
+        for member, loc in targets.items():
+            if loc.node == self.node_id:
+                s = local_room.get(member)
+                if s is not None and s.push(frame):
+                    n += 1
+            else:
+                remote.setdefault(loc.node, []).append(f"{member[0]}/{member[1]}")
+        for node, devices in remote.items():
+            try:
+                env = Envelope("members", room, tuple(devices), frame, ts=self._clock_ms())
+                if await self.backplane.send(node, env):
+                    n += len(devices)
+            except Exception:
+                self.stats.backplane_error("room")
+        return n
+
     def on_envelope(self, env: Envelope) -> None:
         """Handle what another worker sent to this one (called by the backplane reader)."""
         if env.kind == "deliver":
             if self.deliver(env.user, env.devices, env.frame) and env.ts:
                 self.stats.delivered(max(0.0, (self._clock_ms() - env.ts) / 1000.0))
+        elif env.kind == "members":
+            local_room = self.rooms.get(env.user, {})
+            for target in env.devices:
+                user, _, device = target.partition("/")
+                s = local_room.get((user, device))
+                if s is not None:
+                    s.push(env.frame)
         elif env.kind == "kick":
             s = self.local(env.user, env.devices[0]) if env.devices else None
             if s is not None and s.conn_id == env.conn:
                 s.close(Close.REPLACED, "replaced by a newer connection")
+        elif env.kind == "presence":
+            self._spawn(self.refresh_watchers(env.user))
+
+    # ------------------------------------------------------------------ rooms
+
+    async def join(
+        self, session: Session, room: str, max_members: int
+    ) -> dict[Member, Location] | None:
+        """Add the session to ``room`` cluster-wide; None when the room is full.  The other
+        members get ``joined``; returns them."""
+        others = await self.presence.join(room, session.member, session.location, max_members)
+        if others is None:
+            return None
+        others.pop(session.member, None)
+        self.rooms.setdefault(room, {})[session.member] = session
+        session.rooms.add(room)
+        frame = encode({"type": "joined", "room": room, "user_id": session.user_id,
+                        "device_id": session.device_id})
+        await self.send_members(room, others, frame)
+        return others
+
+    async def leave(self, session: Session, room: str) -> None:
+        """Take the session out of ``room``; the others get ``left`` (unless a newer
+        connection of the same device holds the membership now)."""
+        session.rooms.discard(room)
+        local_room = self.rooms.get(room)
+        if local_room is not None and local_room.get(session.member) is session:
+            del local_room[session.member]
+            if not local_room:
+                del self.rooms[room]
+        if await self.presence.leave(room, session.member, session.location):
+            await self._announce(room, "left", session.member)
+
+    async def _announce(self, room: str, kind: str, member: Member) -> None:
+        members = await self.presence.members(room)
+        members.pop(member, None)
+        frame = encode({"type": kind, "room": room, "user_id": member[0],
+                        "device_id": member[1]})
+        await self.send_members(room, members, frame)
+
+    # ------------------------------------------------------------------ presence watch
+
+    async def watch(self, session: Session, users: list[str]) -> dict[str, dict[str, Location]]:
+        """Start reporting changes of ``users`` to the session; returns their presence now
+        (read after the watch is registered, so no change can fall in between)."""
+        new_here = [u for u in users if u not in self.watchers]
+        for u in users:
+            self.watchers.setdefault(u, set()).add(session)
+        if new_here:
+            await self.presence.watch(self.node_id, new_here)
+        located = await self.presence.locate(users)
+        for u in users:
+            session.watching[u] = tuple(sorted(located.get(u, {})))
+        return located
+
+    async def unwatch(self, session: Session, users: list[str]) -> None:
+        gone: list[str] = []
+        for u in users:
+            session.watching.pop(u, None)
+            sessions = self.watchers.get(u)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del self.watchers[u]
+                    gone.append(u)
+        if gone:
+            with contextlib.suppress(Exception):
+                await self.presence.unwatch(self.node_id, gone)
+
+    async def notify_presence(self, user: str) -> None:
+        """Tell every worker watching ``user`` that its devices changed."""
+        try:
+            nodes = await self.presence.watchers(user)
+        except Exception:
+            self.stats.backplane_error("presence")
+            return
+        for node in nodes:
+            if node == self.node_id:
+                await self.refresh_watchers(user)
+                continue
+            try:
+                await self.backplane.send(node, Envelope("presence", user, ()))
+            except Exception:
+                self.stats.backplane_error("presence")
+
+    async def refresh_watchers(self, user: str) -> None:
+        """Re-read ``user``'s devices and send ``presence_changed`` to local watchers whose
+        last report differs.  Concurrent calls for one user collapse into one re-read."""
+        if user in self._refresh_pending:
+            self._refresh_pending[user] = True  # re-read once more when the current one ends
+            return
+        self._refresh_pending[user] = False
+        try:
+            while True:
+                if not self.watchers.get(user):
+                    return
+                located = await self.presence.locate([user])
+                devices = tuple(sorted(located.get(user, {})))
+                frame = encode({"type": "presence_changed", "user_id": user,
+                                "online": bool(devices), "devices": list(devices)})
+                for s in list(self.watchers.get(user, ())):
+                    if user in s.watching and s.watching[user] != devices:
+                        s.watching[user] = devices
+                        s.push(frame)
+                if not self._refresh_pending.get(user):
+                    return
+                self._refresh_pending[user] = False
+        except Exception:
+            self.stats.backplane_error("presence")
+        finally:
+            self._refresh_pending.pop(user, None)
 
 
 def new_node_id() -> str:

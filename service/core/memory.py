@@ -7,47 +7,55 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from limits.aio.storage import MemoryStorage
 
-from .contracts import Claim, Envelope, EnvelopeSink, Location
+from .contracts import Claim, Envelope, EnvelopeSink, Location, Member
 from .ratelimit import LimitsRateLimiter
+
+K = TypeVar("K", str, Member)
 
 
 @dataclass
 class MemoryCluster:
-    """State shared by every simulated worker: devices, node liveness, inboxes."""
+    """State shared by every simulated worker: devices, rooms, watches, node liveness,
+    inboxes."""
 
     ttl: float = 15.0
     clock: Callable[[], float] = time.monotonic
     devices: dict[str, dict[str, Location]] = field(default_factory=dict)
+    rooms: dict[str, dict[Member, Location]] = field(default_factory=dict)
+    watches: dict[str, set[str]] = field(default_factory=dict)
     alive_until: dict[str, float] = field(default_factory=dict)
     sinks: dict[str, EnvelopeSink] = field(default_factory=dict)
 
     def alive(self, node: str) -> bool:
         return self.alive_until.get(node, -1.0) > self.clock()
 
-    def live_devices(self, user: str) -> dict[str, Location]:
-        devs = self.devices.get(user)
-        if not devs:
-            return {}
-        for dev in [d for d, loc in devs.items() if not self.alive(loc.node)]:
-            del devs[dev]
-        if not devs:
-            del self.devices[user]
-        return dict(devs)
+    def live(self, table: dict[K, Location]) -> dict[K, Location]:
+        return {k: loc for k, loc in table.items() if self.alive(loc.node)}
+
+
+def _drop_dead(cluster: MemoryCluster, table: dict[K, Location]) -> list[K]:
+    dead = [k for k, loc in table.items() if not cluster.alive(loc.node)]
+    for k in dead:
+        del table[k]
+    return dead
 
 
 class MemoryPresence:
     def __init__(self, cluster: MemoryCluster | None = None) -> None:
         self.cluster = cluster or MemoryCluster()
 
+    # devices
     async def claim(self, user: str, device: str, loc: Location, max_devices: int) -> Claim:
-        live = self.cluster.live_devices(user)
-        prev = live.pop(device, None)
-        if len(live) >= max_devices:
+        devs = self.cluster.devices.setdefault(user, {})
+        _drop_dead(self.cluster, devs)
+        prev = devs.get(device)
+        if len(devs) - (prev is not None) >= max_devices:
             return Claim(False, prev)
-        self.cluster.devices.setdefault(user, {})[device] = loc
+        devs[device] = loc
         return Claim(True, prev)
 
     async def release(self, user: str, device: str, loc: Location) -> None:
@@ -58,12 +66,74 @@ class MemoryPresence:
                 del self.cluster.devices[user]
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
-        return {u: self.cluster.live_devices(u) for u in users}
+        return {u: self.cluster.live(self.cluster.devices.get(u, {})) for u in users}
 
-    async def heartbeat(self, node: str, devices: Iterable[tuple[str, str, Location]]) -> None:
-        self.cluster.alive_until[node] = self.cluster.clock() + self.cluster.ttl
+    async def heartbeat(
+        self,
+        node: str,
+        devices: Iterable[tuple[str, str, Location]],
+        rooms: Iterable[tuple[str, Member, Location]] = (),
+        watched: Iterable[str] = (),
+    ) -> None:
+        c = self.cluster
+        c.alive_until[node] = c.clock() + c.ttl
         for user, device, loc in devices:
-            self.cluster.devices.setdefault(user, {}).setdefault(device, loc)
+            c.devices.setdefault(user, {}).setdefault(device, loc)
+        for room, member, loc in rooms:
+            c.rooms.setdefault(room, {}).setdefault(member, loc)
+        for user in watched:
+            c.watches.setdefault(user, set()).add(node)
+
+    async def sweep(
+        self, users: Sequence[str], rooms: Sequence[str]
+    ) -> tuple[list[str], dict[str, list[Member]]]:
+        c = self.cluster
+        changed = [u for u in users if u in c.devices and _drop_dead(c, c.devices[u])]
+        left: dict[str, list[Member]] = {}
+        for room in rooms:
+            removed = _drop_dead(c, c.rooms.get(room, {}))
+            if removed:
+                left[room] = removed
+        return changed, left
+
+    # rooms
+    async def join(
+        self, room: str, member: Member, loc: Location, max_members: int
+    ) -> dict[Member, Location] | None:
+        table = self.cluster.rooms.setdefault(room, {})
+        others = {m: v for m, v in self.cluster.live(table).items() if m != member}
+        if member not in table and len(others) >= max_members:
+            return None
+        table[member] = loc
+        return others
+
+    async def leave(self, room: str, member: Member, loc: Location) -> bool:
+        table = self.cluster.rooms.get(room)
+        if table is None or table.get(member) != loc:
+            return False
+        del table[member]
+        if not table:
+            del self.cluster.rooms[room]
+        return True
+
+    async def members(self, room: str) -> dict[Member, Location]:
+        return self.cluster.live(self.cluster.rooms.get(room, {}))
+
+    # watches
+    async def watch(self, node: str, users: Sequence[str]) -> None:
+        for u in users:
+            self.cluster.watches.setdefault(u, set()).add(node)
+
+    async def unwatch(self, node: str, users: Sequence[str]) -> None:
+        for u in users:
+            nodes = self.cluster.watches.get(u)
+            if nodes is not None:
+                nodes.discard(node)
+                if not nodes:
+                    del self.cluster.watches[u]
+
+    async def watchers(self, user: str) -> set[str]:
+        return set(self.cluster.watches.get(user, ()))
 
     async def ping(self) -> bool:
         return True

@@ -10,15 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Close, Code, ProtocolError
 from ..protocol import (
     DIRECT_TYPES,
+    MAX_WATCH_USERS,
     Direct,
     Message,
     Ping,
     PresenceQuery,
+    Publish,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    Unwatch,
+    Watch,
     encode,
     encode_direct,
     encode_error,
@@ -26,9 +33,15 @@ from ..protocol import (
     parse,
     with_id,
 )
-from .contracts import Envelope, RateLimiter
+from .contracts import Envelope, Location, RateLimiter
 from .hub import Hub
 from .session import Session
+
+if TYPE_CHECKING:
+    from ..auth import Identity
+
+Verify = Callable[[str], "Identity"]
+Extras = Callable[["Identity"], dict[str, Any]]
 
 log = logging.getLogger("signaling.router")
 
@@ -42,10 +55,20 @@ class Router:
         hub: Hub,
         limiter: RateLimiter,
         *,
+        verify: Verify | None = None,
+        extras: Extras | None = None,
+        max_rooms_per_connection: int = 50,
+        max_room_members: int = 500,
         clock_ms: Callable[[], int] = now_ms,
     ) -> None:
+        """``verify`` checks a refreshed token (raising on any failure); ``extras`` adds
+        fields to ``refreshed`` (the ICE servers)."""
         self.hub = hub
         self.limiter = limiter
+        self._verify = verify
+        self._extras = extras
+        self.max_rooms = max_rooms_per_connection
+        self.max_room_members = max_room_members
         self.stats = hub.stats
         self._clock_ms = clock_ms
         self._abuse_strikes = max(limiter.limit * ABUSE_FACTOR, 50)
@@ -127,10 +150,20 @@ class Router:
             session.push(with_id({"type": "pong", "ts": self._clock_ms()}, msg.id))
         elif isinstance(msg, PresenceQuery):
             await self._presence(session, msg)
-        else:
-            raise ProtocolError(
-                Code.UNKNOWN_TYPE, f"{msg.type!r} is not supported by this server yet", msg.id
-            )
+        elif isinstance(msg, Publish):
+            await self._publish(session, msg)
+        elif isinstance(msg, Subscribe):
+            await self._subscribe(session, msg)
+        elif isinstance(msg, Unsubscribe):
+            await self._unsubscribe(session, msg)
+        elif isinstance(msg, Watch):
+            await self._watch(session, msg)
+        elif isinstance(msg, Unwatch):
+            await self._unwatch(session, msg)
+        elif isinstance(msg, Refresh):
+            self._refresh(session, msg)
+        else:  # pragma: no cover - parse() only returns the types above
+            raise ProtocolError(Code.UNKNOWN_TYPE, "unknown message type", msg.id)
 
     async def _direct(self, session: Session, msg: Direct) -> None:
         """§3: route to every live device of ``to`` (or ``to_device``), never back to the
@@ -194,6 +227,93 @@ class Router:
             for u in users
         }
         session.push(with_id({"type": "presence", "users": body}, msg.id))
+
+    # ------------------------------------------------------------------ rooms (§4)
+
+    async def _subscribe(self, session: Session, msg: Subscribe) -> None:
+        room = msg.room
+        if not session.identity.may_join(room):
+            raise ProtocolError(Code.FORBIDDEN_ROOM, "the token does not allow this room", msg.id)
+        if room not in session.rooms and len(session.rooms) >= self.max_rooms:
+            raise ProtocolError(
+                Code.TOO_MANY_ROOMS, f"at most {self.max_rooms} rooms per connection", msg.id
+            )
+        others = await self.hub.join(session, room, self.max_room_members)
+        if others is None:
+            raise ProtocolError(
+                Code.ROOM_FULL, f"the room has {self.max_room_members} members", msg.id
+            )
+        members = [{"user_id": u, "device_id": d} for (u, d) in sorted(others)]
+        session.push(with_id({"type": "subscribed", "room": room, "members": members}, msg.id))
+
+    async def _unsubscribe(self, session: Session, msg: Unsubscribe) -> None:
+        if msg.room not in session.rooms:
+            raise ProtocolError(Code.NOT_SUBSCRIBED, "not subscribed to this room", msg.id)
+        await self.hub.leave(session, msg.room)
+        session.push(with_id({"type": "unsubscribed", "room": msg.room}, msg.id))
+
+    async def _publish(self, session: Session, msg: Publish) -> None:
+        if msg.room not in session.rooms:
+            raise ProtocolError(Code.NOT_SUBSCRIBED, "not subscribed to this room", msg.id)
+        members: dict[tuple[str, str], Location] = await self.hub.presence.members(msg.room)
+        members.pop(session.member, None)
+        body: dict[str, Any] = {
+            "type": "publish",
+            "room": msg.room,
+            "from": session.user_id,
+            "from_device": session.device_id,
+            "payload": msg.payload,
+            "ts": self._clock_ms(),
+        }
+        if msg.id is not None:
+            body["id"] = msg.id
+        n = await self.hub.send_members(msg.room, members, encode(body))
+        if msg.id is not None:
+            session.push(encode({"type": "ack", "id": msg.id, "devices": n}))
+
+    # ------------------------------------------------------------------ watch (§5)
+
+    async def _watch(self, session: Session, msg: Watch) -> None:
+        users = list(dict.fromkeys(msg.users))
+        if len(set(session.watching) | set(users)) > MAX_WATCH_USERS:
+            raise ProtocolError(
+                Code.INVALID_MESSAGE, f"at most {MAX_WATCH_USERS} users watched per connection",
+                msg.id,
+            )
+        located = await self.hub.watch(session, users)
+        body = {
+            u: {"online": bool(located.get(u)), "devices": sorted(located.get(u, {}))}
+            for u in users
+        }
+        session.push(with_id({"type": "presence", "users": body}, msg.id))
+
+    async def _unwatch(self, session: Session, msg: Unwatch) -> None:
+        users = list(dict.fromkeys(msg.users))
+        await self.hub.unwatch(session, users)
+        session.push(with_id({"type": "unwatched", "users": users}, msg.id))
+
+    # ------------------------------------------------------------------ refresh (§6)
+
+    def _refresh(self, session: Session, msg: Refresh) -> None:
+        if self._verify is None:
+            raise ProtocolError(Code.INVALID_TOKEN, "token refresh is not available", msg.id)
+        try:
+            identity = self._verify(msg.token)
+        except Exception:
+            raise ProtocolError(
+                Code.INVALID_TOKEN, "the new token was refused; the old expiry stands", msg.id
+            ) from None
+        if (identity.user_id, identity.device_id) != session.member:
+            raise ProtocolError(
+                Code.IDENTITY_MISMATCH, "the new token is for another user or device", msg.id
+            )
+        session.identity = identity
+        session.expiry_notified = False
+        self.hub.schedule_expiry(session)
+        body: dict[str, Any] = {"type": "refreshed", "expires_at": identity.expires_at}
+        if self._extras is not None:
+            body.update(self._extras(identity))
+        session.push(with_id(body, msg.id))
 
     def _error(self, session: Session, err: ProtocolError) -> None:
         self.stats.error(str(err.code))

@@ -34,6 +34,9 @@ class Session:
         "close_code",
         "close_reason",
         "strikes",
+        "rooms",
+        "watching",
+        "expiry_notified",
         "_closer",
         "_max_messages",
         "_max_bytes",
@@ -59,6 +62,10 @@ class Session:
         self.close_reason = ""
         # consecutive rate-limited messages (sustained abuse closes with 1008)
         self.strikes = 0
+        # rooms joined, and watched users with the device list last reported for each
+        self.rooms: set[str] = set()
+        self.watching: dict[str, tuple[str, ...]] = {}
+        self.expiry_notified = False
         self._closer = closer
         self._max_messages = max_messages
         self._max_bytes = max_bytes
@@ -66,6 +73,14 @@ class Session:
     @property
     def conn_id(self) -> str:
         return self.location.conn
+
+    @property
+    def member(self) -> tuple[str, str]:
+        return (self.user_id, self.device_id)
+
+    @property
+    def expires_at(self) -> int:
+        return self.identity.expires_at
 
     def push(self, frame: bytes) -> bool:
         """Queue one frame; False (and the connection closing) when the queue is full."""
