@@ -27,7 +27,7 @@ from . import keys
 log = logging.getLogger("signaling.backplane")
 
 _Pending = tuple[str, dict[bytes, bytes], "asyncio.Future[bool]"]
-_KIND = {"deliver": b"d", "kick": b"k"}
+_KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "presence": b"p"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 
 
