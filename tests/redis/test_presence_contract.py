@@ -103,3 +103,44 @@ async def test_redis_keys_have_ttls_and_no_addresses(redis: Any) -> None:
     assert 0 < await redis.ttl(keys.node_alive("A")) <= 7
     for key in await redis.keys("*"):
         assert await redis.ttl(key) > 0, key
+
+
+async def test_rooms_join_limit_leave(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    assert await p.join("r", ("u1", "d1"), A1, 2) == {}
+    assert await p.join("r", ("u2", "d2"), B1, 2) == {("u1", "d1"): A1}
+    assert await p.join("r", ("u3", "d3"), A2, 2) is None
+    # re-joining as a present member is allowed even when full
+    assert await p.join("r", ("u1", "d1"), A1, 2) == {("u2", "d2"): B1}
+    assert not await p.leave("r", ("u1", "d1"), A2)  # not that connection
+    assert await p.leave("r", ("u1", "d1"), A1)
+    assert await p.members("r") == {("u2", "d2"): B1}
+
+
+async def test_sweep_removes_dead_entries_exactly_once(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    await p.claim("u", "d1", A1, 10)
+    await p.claim("u", "d2", B1, 10)
+    await p.join("r", ("u", "d1"), A1, 10)
+    await p.join("r", ("v", "d"), B1, 10)
+    await twin.kill("A")
+    assert await p.members("r") == {("v", "d"): B1}
+    first = await p.sweep(["u", "nobody"], ["r", "empty"])
+    assert first == (["u"], {"r": [("u", "d1")]})
+    assert await p.sweep(["u"], ["r"]) == ([], {})
+
+
+async def test_watchers(twin: Twin) -> None:
+    p = twin.p
+    await p.watch("A", ["u", "v"])
+    await p.watch("B", ["u"])
+    assert await p.watchers("u") == {"A", "B"}
+    await p.unwatch("A", ["u"])
+    assert await p.watchers("u") == {"B"}
+    assert await p.watchers("nobody") == set()
+    await p.heartbeat("C", [], watched=["u"])
+    assert await p.watchers("u") == {"B", "C"}
