@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 from sanic import Request, Sanic
+from sanic.handlers import ErrorHandler
+from sanic.helpers import STATUS_CODES
 from sanic.response import HTTPResponse, json, raw
 
 from . import __version__, metrics, privacy
@@ -53,8 +55,11 @@ def create_app(settings: Settings, name: str = "signaling") -> Sanic:
     app.config.API_DESCRIPTION = "HTTP endpoints; the WebSocket protocol is docs/PROTOCOL.md"
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_URL_PREFIX = "/docs"
-    app.config.HEALTH = True  # sanic-ext worker health monitor
+    # sanic-ext's worker health monitor is left off: its extra process made shutdown
+    # intermittently exit 1 (EOFError in the health queue) in our tests.
+    app.config.HEALTH = False
     app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.error_handler = PlainErrorHandler()
     app.ctx.settings = settings
     privacy.install()
 
@@ -69,6 +74,21 @@ def create_app(settings: Settings, name: str = "signaling") -> Sanic:
     app.before_server_stop(_worker_drain)
     app.after_server_stop(_worker_stop)
     return app
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 426: "upgrade_required"}
+
+
+class PlainErrorHandler(ErrorHandler):
+    """Error pages that never echo the request (Sanic's debug pages include its query
+    arguments, i.e. a ``?token=``): status, a code and a generic message only."""
+
+    def default(self, request: Request, exception: Exception) -> HTTPResponse:
+        self.log(request, exception)  # the privacy filter scrubs what Sanic logs
+        status = int(getattr(exception, "status_code", 500) or 500)
+        code = _HTTP_ERROR_CODES.get(status, "internal" if status >= 500 else "bad_request")
+        return json({"error": code, "message": STATUS_CODES.get(status, b"").decode()},
+                    status=status)
 
 
 # ---------------------------------------------------------------- HTTP endpoints

@@ -50,7 +50,10 @@ end
 """
 
 # KEYS[1] user hash; ARGV: node prefix, device, "node|conn", max devices, ttl
+# A worker that claims is alive: its liveness key is (re)made here too, so a device that
+# connects right after Redis lost everything is reachable before the next heartbeat.
 _CLAIM = _ALIVE + """
+redis.call('SET', ARGV[1] .. string.match(ARGV[3], '^[^|]*'), '1', 'EX', ARGV[5], 'NX')
 drop_dead(KEYS[1], ARGV[1])
 local prev = redis.call('HGET', KEYS[1], ARGV[2]) or ''
 local others = redis.call('HLEN', KEYS[1])

@@ -117,13 +117,18 @@ class Hub:
                 await self._announce(room, "left", member)
 
     async def _heartbeat_loop(self) -> None:
+        delay = self.heartbeat_interval
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(delay)
             try:
                 await self.beat()
-            except Exception as exc:  # keep beating: the store may come back
+                delay = self.heartbeat_interval
+            except Exception as exc:
+                # Keep beating, faster: when the store comes back (a restart loses every
+                # key) this worker's devices, rooms and watches must reappear at once.
                 self.stats.backplane_error("heartbeat")
                 log.warning("heartbeat failed: %s", type(exc).__name__)
+                delay = min(0.5, self.heartbeat_interval)
 
     # ------------------------------------------------------------------ connections
 
