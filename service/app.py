@@ -59,6 +59,8 @@ def create_app(settings: Settings, name: str = "signaling") -> Sanic:
     # intermittently exit 1 (EOFError in the health queue) in our tests.
     app.config.HEALTH = False
     app.config.FALLBACK_ERROR_FORMAT = "json"
+    # Sanic's own limit for the whole stop; our drain runs inside it (k8s grace must exceed it)
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.graceful_shutdown_timeout
     app.error_handler = PlainErrorHandler()
     app.ctx.settings = settings
     privacy.install()
@@ -167,16 +169,30 @@ async def _retry_start(rt: Runtime) -> None:
 
 
 async def _worker_drain(app: Sanic) -> None:
-    """Runs before Sanic's own stop (which would close sockets with 1001): tell every client
-    to reconnect elsewhere (1012) and let handlers finish."""
+    """SIGTERM, first step (``before_server_stop`` runs before Sanic's own stop, which would
+    close sockets with 1001): /ready and new upgrades answer 503 at once, every open socket
+    is closed with 1012 ("restarting — reconnect"), spread over DRAIN_SECONDS so that the
+    clients do not all reconnect in the same instant, then the handlers get the rest of
+    GRACEFUL_SHUTDOWN_TIMEOUT to finish."""
     rt: Runtime | None = getattr(app.ctx, "runtime", None)
     if rt is None:
         return
     rt.draining = True
-    for devices in list(rt.hub.sessions.values()):
-        for session in list(devices.values()):
-            session.close(Close.RESTART, "server shutting down")
-    deadline = time.monotonic() + 3.0
+    settings = rt.settings
+    started = time.monotonic()
+    sessions = list(rt.hub.all_sessions())
+    log.info("draining %d connections over %.1f s", len(sessions), settings.drain_seconds)
+    # at most one batch every 50 ms; the batches evenly spaced over DRAIN_SECONDS
+    per_batch = max(1, -(-len(sessions) // max(1, int(settings.drain_seconds / 0.05))))
+    groups = max(1, -(-len(sessions) // per_batch))
+    pause = settings.drain_seconds / groups
+    for i in range(0, len(sessions), per_batch):
+        for session in sessions[i : i + per_batch]:
+            session.close(Close.RESTART, "server restarting; reconnect")
+        if i + per_batch < len(sessions):
+            await asyncio.sleep(pause)
+    # handlers clean up (presence, rooms) on their own; leave a margin for Sanic's stop
+    deadline = started + max(settings.graceful_shutdown_timeout - 1.0, settings.drain_seconds)
     while rt.hub.connection_count and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 

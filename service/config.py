@@ -129,6 +129,10 @@ class Settings:
     # WebSocket ping interval / timeout, seconds (0 disables).
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
+    # SIGTERM: seconds over which open sockets are closed with 1012 (spread, not at once).
+    drain_seconds: float = 5.0
+    # SIGTERM: seconds the whole stop may take (keep below the Kubernetes grace period).
+    graceful_shutdown_timeout: float = 15.0
     # Seconds a Redis command may take before it counts as failed.
     redis_timeout: float = 2.0
     # Log at DEBUG (never tokens, addresses or payloads).
@@ -163,6 +167,12 @@ class Settings:
         rate_limit = env.get("RATE_LIMIT", "").strip() or "100/second"
         _check_rate_limit(rate_limit)
         turn_secret = env.get("TURN_SECRET", "") or None
+        drain = _float(env, "DRAIN_SECONDS", 5.0)
+        grace = _float(env, "GRACEFUL_SHUTDOWN_TIMEOUT", 15.0, 1.0)
+        if drain >= grace:
+            raise ConfigError(
+                f"DRAIN_SECONDS ({drain}) must be shorter than GRACEFUL_SHUTDOWN_TIMEOUT ({grace})"
+            )
         return cls(
             redis_url=redis_url_from(env),
             jwt_secret=secret,
@@ -190,6 +200,8 @@ class Settings:
             ws_ping_interval=_float(env, "WS_PING_INTERVAL", 20.0),
             ws_ping_timeout=_float(env, "WS_PING_TIMEOUT", 20.0),
             redis_timeout=_float(env, "REDIS_TIMEOUT", 2.0, 0.05),
+            drain_seconds=drain,
+            graceful_shutdown_timeout=grace,
             verbose=env.get("VERBOSE", "").lower() in ("1", "true", "yes", "on"),
         )
 
