@@ -116,6 +116,10 @@ class Settings:
     stun_urls: tuple[str, ...] = ()
     # Lifetime of TURN credentials, seconds.
     turn_ttl: int = 3600
+    # Seconds a dropped device stays online, its direct messages kept (0 = no resume).
+    resume_window: int = 30
+    # Messages kept per parked device; the oldest are dropped first.
+    resume_max_messages: int = 1000
     # Approximate cap on each worker's inbox stream (XADD MAXLEN ~).
     inbox_maxlen: int = 10000
     # Entries one XREADGROUP may return.
@@ -137,6 +141,12 @@ class Settings:
     redis_timeout: float = 2.0
     # Log at DEBUG (never tokens, addresses or payloads).
     verbose: bool = False
+
+    @property
+    def keep_ttl(self) -> int:
+        """TTL of every key that must outlive a dead worker long enough to be resumed or
+        swept: two heartbeat lifetimes plus the resume window."""
+        return 2 * self.presence_ttl + self.resume_window
 
     @property
     def heartbeat_interval(self) -> float:
@@ -195,6 +205,8 @@ class Settings:
             stun_urls=_list(env, "STUN_URLS"),
             turn_ttl=_int(env, "TURN_TTL", 3600, 60),
             inbox_maxlen=_int(env, "INBOX_MAXLEN", 10000, 100),
+            resume_window=_int(env, "RESUME_WINDOW", 30),
+            resume_max_messages=_int(env, "RESUME_MAX_MESSAGES", 1000, 1),
             outbox_max_messages=_int(env, "OUTBOX_MAX_MESSAGES", 1024, 8),
             outbox_max_bytes=_int(env, "OUTBOX_MAX_BYTES", 4 * 1024 * 1024, 65536),
             ws_ping_interval=_float(env, "WS_PING_INTERVAL", 20.0),

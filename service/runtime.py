@@ -43,6 +43,7 @@ class Runtime:
             max_devices_per_user=settings.max_devices_per_user,
             heartbeat_interval=settings.heartbeat_interval,
             token_expiring_notice=settings.token_expiring_notice,
+            resume_window=settings.resume_window,
             stats=self.stats,
         )
         self.router = Router(
@@ -61,7 +62,11 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
         if settings.redis_url is None:
-            cluster = MemoryCluster(ttl=settings.presence_ttl)
+            cluster = MemoryCluster(
+                ttl=settings.presence_ttl,
+                resume_window=settings.resume_window,
+                resume_max_messages=settings.resume_max_messages,
+            )
             return cls(
                 settings,
                 MemoryPresence(cluster),
@@ -84,15 +89,19 @@ class Runtime:
         backplane = RedisBackplane(
             redis,
             reader,
-            ttl=settings.presence_ttl,
+            ttl=settings.keep_ttl,
             maxlen=settings.inbox_maxlen,
+            keep_max=settings.resume_max_messages,
+            keep_ttl=settings.presence_ttl + settings.resume_window,
             read_count=settings.inbox_read_count,
             block_ms=settings.inbox_block_ms,
             stats=stats,
         )
         return cls(
             settings,
-            RedisPresence(redis, settings.presence_ttl),
+            RedisPresence(
+                redis, settings.presence_ttl, settings.resume_window, settings.keep_ttl
+            ),
             backplane,
             redis_rate_limiter(url, redis, settings.rate_limit),
             [redis, reader],

@@ -87,8 +87,10 @@ async def upgrade_gate(request: Request) -> HTTPResponse | None:
     return None
 
 
-def _welcome(rt: Runtime, identity: Identity, conn_id: str) -> bytes:
-    body = {
+def _welcome(
+    rt: Runtime, identity: Identity, conn_id: str, resumed: bool, missed: int
+) -> bytes:
+    body: dict[str, Any] = {
         "type": "welcome",
         "user_id": identity.user_id,
         "device_id": identity.device_id,
@@ -96,6 +98,8 @@ def _welcome(rt: Runtime, identity: Identity, conn_id: str) -> bytes:
         "expires_at": identity.expires_at,
         "server_time": now_ms(),
         "rate_limit": {"limit": rt.limiter.limit, "period_s": rt.limiter.period_s},
+        "resumed": resumed,
+        "missed": missed,
     }
     body.update(ice_fields(rt.settings, identity.user_id))
     return encode(body)
@@ -121,12 +125,13 @@ async def websocket_handler(request: Request, ws: Any) -> None:
         rt.settings.outbox_max_messages,
         rt.settings.outbox_max_bytes,
     )
-    session.push(_welcome(rt, identity, conn_id))  # first frame, ahead of any delivery
     started = time.monotonic()
     writer = asyncio.create_task(_write_loop(ws, session))
     connected = False
     try:
-        await rt.hub.connect(session)
+        await rt.hub.connect(
+            session, lambda resumed, missed: _welcome(rt, identity, conn_id, resumed, missed)
+        )
         connected = True
         metrics.ACTIVE.inc()
         await _read_loop(rt, ws, session)
@@ -141,13 +146,25 @@ async def websocket_handler(request: Request, ws: Any) -> None:
             metrics.ACTIVE.dec()
             metrics.DURATION.observe(time.monotonic() - started)
         with contextlib.suppress(Exception):
-            await rt.hub.disconnect(session)
+            await rt.hub.disconnect(session, park=connected and _resumable(ws, session))
         if not session.closed:
             session.close(Close.NORMAL)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer, timeout=rt.settings.redis_timeout + 3)
         if not writer.done():
             writer.cancel()
+
+
+# Connections that end like this stay resumable (§10): the server is restarting or failed.
+_PARK_CODES = frozenset({Close.RESTART, Close.INTERNAL})
+
+
+def _resumable(ws: Any, session: Session) -> bool:
+    """A drop without a close frame from the client, or our own 1012/1011, parks the
+    device; a clean client close, 4009, 4001 and policy closes end it at once."""
+    if session.close_code is not None:
+        return session.close_code in _PARK_CODES
+    return getattr(ws.ws_proto, "close_rcvd", None) is None
 
 
 async def _read_loop(rt: Runtime, ws: Any, session: Session) -> None:

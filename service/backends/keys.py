@@ -28,6 +28,22 @@ def watchers(user: str) -> str:
     return f"{PREFIX}watch:{user}"
 
 
+def device_rooms(user: str, device: str) -> str:
+    """Set of the rooms one device is in (takeover and resume); TTL like ``devices``."""
+    return f"{PREFIX}devrooms:{user}/{device}"
+
+
+def kept(user: str, device: str) -> str:
+    """List of frames kept for a parked device (§10); bounded, TTL the resume window."""
+    return f"{PREFIX}kept:{user}/{device}"
+
+
+def node_seen(node: str) -> str:
+    """Exists PRESENCE_TTL + RESUME_WINDOW after the last heartbeat of ``node``: its devices
+    stay resumable while it does (the node prefix + ":seen")."""
+    return f"{node_alive(node)}:seen"
+
+
 def node_alive_prefix() -> str:
     return f"{PREFIX}node:"
 

@@ -26,7 +26,8 @@ from . import keys
 
 log = logging.getLogger("signaling.backplane")
 
-_Pending = tuple[str, dict[bytes, bytes], "asyncio.Future[bool]"]
+# (stream or kept-list key, XADD fields or None for a kept frame, frame, future)
+_Pending = tuple[str, "dict[bytes, bytes] | None", bytes, "asyncio.Future[bool]"]
 _KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "presence": b"p"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 
@@ -62,12 +63,19 @@ class RedisBackplane:
         *,
         ttl: int,
         maxlen: int = 10000,
+        keep_max: int = 1000,
+        keep_ttl: int | None = None,
         read_count: int = 512,
         block_ms: int = 1000,
         stats: Stats | None = None,
     ) -> None:
-        """``reader`` must be a client of its own whose socket timeout exceeds ``block_ms``."""
+        """``reader`` must be a client of its own whose socket timeout exceeds ``block_ms``.
+        ``ttl``: how long this worker's inbox outlives its last heartbeat (so that a device
+        resuming elsewhere can salvage what it held); ``keep_max``/``keep_ttl`` bound the
+        frames kept for parked devices."""
         self._redis = redis
+        self._keep_max = keep_max
+        self._keep_ttl = keep_ttl or ttl
         self._reader = reader
         self._ttl = ttl
         self._maxlen = maxlen
@@ -101,13 +109,13 @@ class RedisBackplane:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self._redis.expire(self.inbox, self._ttl * 2)
+        await self._redis.expire(self.inbox, self._ttl)
 
     async def heartbeat(self) -> None:
         """Keep this worker's inbox alive; recreate it if Redis lost it."""
         if self._node is None:
             return
-        if not await self._redis.expire(self.inbox, self._ttl * 2):
+        if not await self._redis.expire(self.inbox, self._ttl):
             await self._ensure_group()
 
     # ------------------------------------------------------------------ writing
@@ -115,13 +123,35 @@ class RedisBackplane:
     def send(self, node: str, envelope: Envelope) -> asyncio.Future[bool]:
         """Queue for this tick's pipeline; the future says whether ``node``'s inbox took it
         (False: that worker is gone) or raises if Redis failed (outcome unknown)."""
+        return self._submit(keys.inbox(node), encode_envelope(envelope), b"")
+
+    def keep(self, user: str, device: str, frame: bytes) -> asyncio.Future[bool]:
+        """Keep a frame for a parked device, in the same ordered pipeline as ``send``."""
+        return self._submit(keys.kept(user, device), None, frame)
+
+    def _submit(
+        self, key: str, fields: dict[bytes, bytes] | None, frame: bytes
+    ) -> asyncio.Future[bool]:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self._closed:
             fut.set_exception(ConnectionError("backplane closed"))
             return fut
-        self._pending.append((keys.inbox(node), encode_envelope(envelope), fut))
+        self._pending.append((key, fields, frame, fut))
         self._wake.set()
         return fut
+
+    async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
+        """Frames for ``user``/``device`` left in the inbox of a worker that died."""
+        out: list[bytes] = []
+        entries: Any = await self._redis.xrange(keys.inbox(node))
+        for _id, fields in entries:
+            try:
+                env = decode_envelope(fields)
+            except Exception:
+                continue
+            if env.kind == "deliver" and env.user == user and device in env.devices:
+                out.append(env.frame)
+        return out
 
     async def _write_loop(self) -> None:
         while not self._closed:
@@ -133,26 +163,37 @@ class RedisBackplane:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        for stream, fields, _ in batch:
-            pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True, nomkstream=True)  # type: ignore[arg-type]
+        spans: list[int] = []
+        for key, fields, frame, _ in batch:
+            if fields is not None:
+                pipe.xadd(key, fields, maxlen=self._maxlen, approximate=True, nomkstream=True)  # type: ignore[arg-type]
+                spans.append(1)
+            else:
+                pipe.rpush(key, frame)
+                pipe.ltrim(key, -self._keep_max, -1)
+                pipe.expire(key, self._keep_ttl)
+                spans.append(3)
         try:
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             self._stats.backplane_error("xadd")
-            for _, _, fut in batch:
+            for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(
                         ConnectionError(f"backplane write failed: {type(exc).__name__}")
                     )
             return
-        for (_, _, fut), res in zip(batch, results, strict=True):
+        i = 0
+        for (_, fields, _, fut), span in zip(batch, spans, strict=True):
+            res = results[i : i + span]
+            i += span
             if fut.done():
                 continue
-            if isinstance(res, Exception):
+            if any(isinstance(r, Exception) for r in res):
                 self._stats.backplane_error("xadd")
                 fut.set_exception(ConnectionError("backplane write failed"))
             else:
-                fut.set_result(res is not None)
+                fut.set_result(fields is None or res[0] is not None)
 
     # ------------------------------------------------------------------ reading
 
@@ -214,7 +255,7 @@ class RedisBackplane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for _, _, fut in self._pending:
+        for *_, fut in self._pending:
             if not fut.done():
                 fut.set_exception(ConnectionError("backplane closed"))
         self._pending = []

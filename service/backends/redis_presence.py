@@ -22,16 +22,37 @@ from ..core.contracts import Claim, Location, Member
 from . import keys
 
 _ALIVE = """
-local function alive(prefix, value)
-  return redis.call('EXISTS', prefix .. string.match(value, '^[^|]*')) == 1
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function conn_of(value)
+  return string.match(value, '^[^|]*|([^|]*)')
+end
+-- 2: live on a live worker; 1: resumable (parked, or its worker died less than
+-- RESUME_WINDOW ago); 0: dead
+local function state(prefix, value)
+  local node = string.match(value, '^[^|]*')
+  if node == '~' then
+    local deadline = tonumber(string.match(value, '|(%d+)$') or '0')
+    if deadline > now_ms() then return 1 end
+    return 0
+  end
+  if redis.call('EXISTS', prefix .. node) == 1 then return 2 end
+  if redis.call('EXISTS', prefix .. node .. ':seen') == 1 then return 1 end
+  return 0
 end
 local function live(key, prefix)
   local h = redis.call('HGETALL', key)
   local out = {}
   for i = 1, #h, 2 do
-    if alive(prefix, h[i + 1]) then
+    local st = state(prefix, h[i + 1])
+    if st == 2 then
       out[#out + 1] = h[i]
       out[#out + 1] = h[i + 1]
+    elseif st == 1 then
+      out[#out + 1] = h[i]
+      out[#out + 1] = '~|' .. conn_of(h[i + 1])
     end
   end
   return out
@@ -40,7 +61,7 @@ local function drop_dead(key, prefix)
   local h = redis.call('HGETALL', key)
   local gone = {}
   for i = 1, #h, 2 do
-    if not alive(prefix, h[i + 1]) then
+    if state(prefix, h[i + 1]) == 0 then
       redis.call('HDEL', key, h[i])
       gone[#gone + 1] = h[i]
     end
@@ -49,27 +70,65 @@ local function drop_dead(key, prefix)
 end
 """
 
-# KEYS[1] user hash; ARGV: node prefix, device, "node|conn", max devices, ttl
+# KEYS[1] user hash; ARGV: node prefix, device, "node|conn", max devices, node ttl, keep ttl
 # A worker that claims is alive: its liveness key is (re)made here too, so a device that
 # connects right after Redis lost everything is reachable before the next heartbeat.
 _CLAIM = _ALIVE + """
 redis.call('SET', ARGV[1] .. string.match(ARGV[3], '^[^|]*'), '1', 'EX', ARGV[5], 'NX')
 drop_dead(KEYS[1], ARGV[1])
 local prev = redis.call('HGET', KEYS[1], ARGV[2]) or ''
+local resumed = 0
+if prev ~= '' and state(ARGV[1], prev) == 1 then resumed = 1 end
 local others = redis.call('HLEN', KEYS[1])
 if prev ~= '' then others = others - 1 end
-if others >= tonumber(ARGV[4]) then return {0, prev} end
+if others >= tonumber(ARGV[4]) then return {0, prev, 0} end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {1, prev}
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return {1, prev, resumed}
 """
 
-# KEYS[1] hash; ARGV: field, value.  Delete the field only if it still holds the value.
+# KEYS: user hash, device-rooms set, kept list; ARGV: device, "node|conn"
 _RELEASE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('DEL', KEYS[2], KEYS[3])
   return redis.call('HDEL', KEYS[1], ARGV[1])
 end
 return 0
+"""
+
+# KEYS: user hash, device-rooms set; ARGV: device, "node|conn", conn, window ms,
+# room key prefix, keep ttl, member field
+_PARK = _ALIVE + """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+local parked = '~|' .. ARGV[3] .. '|' .. (now_ms() + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], ARGV[1], parked)
+redis.call('EXPIRE', KEYS[1], ARGV[6], 'GT')
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local rk = ARGV[5] .. room
+  if redis.call('HGET', rk, ARGV[7]) == ARGV[2] then
+    redis.call('HSET', rk, ARGV[7], parked)
+    redis.call('EXPIRE', rk, ARGV[6], 'GT')
+  end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[6], 'GT')
+return 1
+"""
+
+# KEYS: device-rooms set; ARGV: room key prefix, member field, old "node|conn", old conn,
+# new "node|conn", keep ttl
+_ADOPT = _ALIVE + """
+local out = {}
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local rk = ARGV[1] .. room
+  local v = redis.call('HGET', rk, ARGV[2])
+  if v and (v == ARGV[3] or conn_of(v) == ARGV[4]) then
+    redis.call('HSET', rk, ARGV[2], ARGV[5])
+    redis.call('EXPIRE', rk, ARGV[6])
+    out[#out + 1] = room
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return out
 """
 
 # KEYS: hashes; ARGV[1]: node prefix
@@ -79,7 +138,7 @@ for i, key in ipairs(KEYS) do res[i] = live(key, ARGV[1]) end
 return res
 """
 
-# KEYS[1] room hash; ARGV: node prefix, member, value, max members, ttl
+# KEYS: room hash, device-rooms set; ARGV: node prefix, member, value, max members, ttl, room
 _JOIN = _ALIVE + """
 local members = live(KEYS[1], ARGV[1])
 local others = {}
@@ -93,7 +152,19 @@ end
 if not present and #others / 2 >= tonumber(ARGV[4]) then return false end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 return others
+"""
+
+# KEYS: room hash, device-rooms set; ARGV: member, "node|conn", conn, room
+_LEAVE = _ALIVE + """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and (v == ARGV[2] or (string.sub(v, 1, 2) == '~|' and conn_of(v) == ARGV[3])) then
+  redis.call('SREM', KEYS[2], ARGV[4])
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
 """
 
 # KEYS: hashes; ARGV[1]: node prefix.  Fields removed per hash.
@@ -123,27 +194,67 @@ def _pairs(row: list[bytes]) -> Iterable[tuple[str, Location]]:
 
 
 class RedisPresence:
-    def __init__(self, redis: Redis, ttl: int) -> None:
+    def __init__(
+        self, redis: Redis, ttl: int, resume_window: int = 30, keep_ttl: int | None = None
+    ) -> None:
+        """``ttl``: PRESENCE_TTL (a worker's liveness); ``keep_ttl``: the TTL of entries that
+        must outlive a dead worker through its resume window."""
         self._redis = redis
         self._ttl = ttl
+        self._window = resume_window
+        self._keep = keep_ttl or (2 * ttl + resume_window)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
+        self._park = redis.register_script(_PARK)
+        self._adopt = redis.register_script(_ADOPT)
         self._live = redis.register_script(_LIVE)
         self._join = redis.register_script(_JOIN)
+        self._leave = redis.register_script(_LEAVE)
         self._sweep = redis.register_script(_SWEEP)
         self._prefix = keys.node_alive_prefix()
 
     # ------------------------------------------------------------------ devices
 
     async def claim(self, user: str, device: str, loc: Location, max_devices: int) -> Claim:
-        ok, prev = await self._claim(
+        ok, prev, resumed = await self._claim(
             keys=[keys.devices(user)],
-            args=[self._prefix, device, loc.encode(), max_devices, self._ttl],
+            args=[self._prefix, device, loc.encode(), max_devices, self._ttl, self._keep],
         )
-        return Claim(bool(ok), Location.decode(_s(prev)) if prev else None)
+        previous = Location.decode(_s(prev)) if prev else None
+        return Claim(bool(ok), previous, bool(resumed))
 
     async def release(self, user: str, device: str, loc: Location) -> None:
-        await self._release(keys=[keys.devices(user)], args=[device, loc.encode()])
+        await self._release(
+            keys=[keys.devices(user), keys.device_rooms(user, device), keys.kept(user, device)],
+            args=[device, loc.encode()],
+        )
+
+    async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
+        return bool(
+            await self._park(
+                keys=[keys.devices(user), keys.device_rooms(user, device)],
+                args=[device, loc.encode(), loc.conn, int(window * 1000), keys.room(""),
+                      self._keep, _member_field((user, device))],
+            )
+        )
+
+    async def take_kept(self, user: str, device: str) -> list[bytes]:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.lrange(keys.kept(user, device), 0, -1)
+        pipe.delete(keys.kept(user, device))
+        frames, _ = await pipe.execute()
+        return list(frames)
+
+    async def rooms_of(self, member: Member) -> list[str]:
+        return sorted(_s(r) for r in await self._redis.smembers(keys.device_rooms(*member)))
+
+    async def adopt_rooms(self, member: Member, old: Location, new: Location) -> list[str]:
+        rooms = await self._adopt(
+            keys=[keys.device_rooms(*member)],
+            args=[keys.room(""), _member_field(member), old.encode(), old.conn, new.encode(),
+                  self._keep],
+        )
+        return sorted(_s(r) for r in rooms)
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         if not users:
@@ -157,8 +268,9 @@ class RedisPresence:
         self, room: str, member: Member, loc: Location, max_members: int
     ) -> dict[Member, Location] | None:
         others = await self._join(
-            keys=[keys.room(room)],
-            args=[self._prefix, _member_field(member), loc.encode(), max_members, self._ttl * 2],
+            keys=[keys.room(room), keys.device_rooms(*member)],
+            args=[self._prefix, _member_field(member), loc.encode(), max_members, self._keep,
+                  room],
         )
         if others is None:
             return None
@@ -166,7 +278,10 @@ class RedisPresence:
 
     async def leave(self, room: str, member: Member, loc: Location) -> bool:
         return bool(
-            await self._release(keys=[keys.room(room)], args=[_member_field(member), loc.encode()])
+            await self._leave(
+                keys=[keys.room(room), keys.device_rooms(*member)],
+                args=[_member_field(member), loc.encode(), loc.conn, room],
+            )
         )
 
     async def members(self, room: str) -> dict[Member, Location]:
@@ -205,19 +320,23 @@ class RedisPresence:
         of the keys involved refreshed."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(keys.node_alive(node), b"1", ex=self._ttl)
+        if self._window > 0:
+            pipe.set(keys.node_seen(node), b"1", ex=self._ttl + self._window)
         seen: set[str] = set()
         for user, device, loc in devices:
             key = keys.devices(user)
             pipe.hsetnx(key, device, loc.encode())
             if key not in seen:
                 seen.add(key)
-                pipe.expire(key, self._ttl)
+                pipe.expire(key, self._keep)
         for room, member, loc in rooms:
             key = keys.room(room)
             pipe.hsetnx(key, _member_field(member), loc.encode())
             if key not in seen:
                 seen.add(key)
-                pipe.expire(key, self._ttl * 2)
+                pipe.expire(key, self._keep)
+            pipe.sadd(keys.device_rooms(*member), room)
+            pipe.expire(keys.device_rooms(*member), self._keep)
         for user in watched:
             key = keys.watchers(user)
             pipe.sadd(key, node)
@@ -240,8 +359,9 @@ class RedisPresence:
         return changed, left
 
     async def mark_dead(self, node: str) -> None:
-        """Drop this worker's liveness at once (clean shutdown)."""
-        await self._redis.delete(keys.node_alive(node))
+        """Drop this worker's liveness at once (clean shutdown); its parked devices keep
+        their own deadlines."""
+        await self._redis.delete(keys.node_alive(node), keys.node_seen(node))
 
     async def ping(self) -> bool:
         try:

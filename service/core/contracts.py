@@ -12,8 +12,14 @@ Member = tuple[str, str]
 """(user_id, device_id) of a room member."""
 
 
+PARKED = "~"
+"""The ``node`` of a Location whose connection is gone but still inside its resume window
+(§10): messages for it are kept, not sent to a worker."""
+
+
 class Location(NamedTuple):
-    """Where one device's connection lives: the worker (node) and the connection id."""
+    """Where one device's connection lives: the worker (node) and the connection id;
+    ``node == PARKED`` while the device waits to resume."""
 
     node: str
     conn: str
@@ -23,8 +29,9 @@ class Location(NamedTuple):
 
     @classmethod
     def decode(cls, raw: str) -> Location:
-        node, _, conn = raw.partition("|")
-        return cls(node, conn)
+        """``node|conn`` or the parked form ``~|conn|deadline``."""
+        node, _, rest = raw.partition("|")
+        return cls(node, rest.partition("|")[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,8 @@ class Claim:
 
     ok: bool
     previous: Location | None = None
+    # the previous connection ended without a clean close and is inside its resume window
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,21 @@ class Presence(Protocol):
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         """Live devices of each user (users with none map to ``{}``)."""
+
+    async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
+        """The connection at ``loc`` dropped without a clean close: keep the device online,
+        its rooms and its messages for ``window`` seconds.  False if a newer connection
+        already holds the device."""
+
+    async def take_kept(self, user: str, device: str) -> list[bytes]:
+        """The frames kept for a parked device, oldest first; they are removed."""
+
+    async def rooms_of(self, member: Member) -> list[str]:
+        """Rooms the device's current membership is in (for takeover and resume)."""
+
+    async def adopt_rooms(self, member: Member, old: Location, new: Location) -> list[str]:
+        """Resume: move the memberships held by ``old`` (or its parked form) to ``new``;
+        returns those rooms."""
 
     async def heartbeat(
         self,
@@ -123,6 +147,14 @@ class Backplane(Protocol):
     async def start(self, node: str, sink: EnvelopeSink) -> None: ...
 
     def send(self, node: str, envelope: Envelope) -> Awaitable[bool]: ...
+
+    def keep(self, user: str, device: str, frame: bytes) -> Awaitable[bool]:
+        """Keep ``frame`` for a parked device (bounded, expiring), in order with ``send``."""
+        ...
+
+    async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
+        """Frames for ``user``/``device`` still in the inbox of dead worker ``node``."""
+        ...
 
     async def heartbeat(self) -> None: ...
 

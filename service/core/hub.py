@@ -22,7 +22,16 @@ from typing import Any
 
 from ..errors import Close
 from ..protocol import encode, now_ms
-from .contracts import Backplane, Envelope, Location, Member, NullStats, Presence, Stats
+from .contracts import (
+    PARKED,
+    Backplane,
+    Envelope,
+    Location,
+    Member,
+    NullStats,
+    Presence,
+    Stats,
+)
 from .session import Session
 
 log = logging.getLogger("signaling.hub")
@@ -42,6 +51,7 @@ class Hub:
         max_devices_per_user: int = 10,
         heartbeat_interval: float = 5.0,
         token_expiring_notice: int = 60,
+        resume_window: float = 30.0,
         stats: Stats | None = None,
         clock_ms: Callable[[], int] = now_ms,
         clock_s: Callable[[], float] = time.time,
@@ -53,6 +63,7 @@ class Hub:
         self.max_devices_per_user = max_devices_per_user
         self.heartbeat_interval = heartbeat_interval
         self.token_expiring_notice = token_expiring_notice
+        self.resume_window = resume_window
         self._clock_ms = clock_ms
         self._clock_s = clock_s
         self.sessions: dict[str, dict[str, Session]] = {}
@@ -132,13 +143,18 @@ class Hub:
 
     # ------------------------------------------------------------------ connections
 
-    async def connect(self, session: Session) -> None:
-        """Claim the session's device cluster-wide and make it reachable.
+    async def connect(
+        self, session: Session, welcome: Callable[[bool, int], bytes] | None = None
+    ) -> bool:
+        """Claim the session's device cluster-wide and make it reachable; returns whether it
+        resumed a parked connection (§10).
 
-        Raises TooManyDevices; the caller must have queued ``welcome`` on the session first
-        so that it is the first frame the client sees.  A previous live connection of the
-        same device is closed with 4009, wherever it is.
+        ``welcome(resumed, missed)`` builds the first frame; it is queued first, then the
+        kept messages, then whatever live traffic arrived meanwhile.  Raises TooManyDevices.
+        A previous live connection of the same device is closed with 4009, wherever it is,
+        and its rooms are left before this one can join any.
         """
+        session.held = []
         claim = await self.presence.claim(
             session.user_id, session.device_id, session.location, self.max_devices_per_user
         )
@@ -150,25 +166,66 @@ class Hub:
         if old is not None and old is not session:
             old.close(Close.REPLACED, "replaced by a newer connection")
         prev = claim.previous
-        if prev is not None and prev.node != self.node_id:
+        missed: list[bytes] = []
+        if prev is not None and claim.resumed:
+            missed = await self._resume(session, prev)
+        elif prev is not None and prev.conn != session.conn_id:
+            await self._evict(session.member, prev)
+        first = [welcome(claim.resumed, len(missed))] if welcome is not None else []
+        session.push_first(first + missed)
+        session.release_held()
+        self.schedule_expiry(session)
+        if not claim.resumed:
+            await self.notify_presence(session.user_id)
+        return claim.resumed
+
+    async def _evict(self, member: Member, prev: Location) -> None:
+        """Takeover: the replaced connection leaves its rooms now (others get ``left``
+        before any ``joined`` of the new one) and is told to close with 4009."""
+        for room in await self.presence.rooms_of(member):
+            if await self.presence.leave(room, member, prev):
+                await self._announce(room, "left", member)
+        if prev.node not in (self.node_id, PARKED):
             try:
-                kick = Envelope("kick", session.user_id, (session.device_id,), conn=prev.conn)
+                kick = Envelope("kick", member[0], (member[1],), conn=prev.conn)
                 await self.backplane.send(prev.node, kick)
             except Exception:  # the old worker is unreachable; its presence expires anyway
                 self.stats.backplane_error("kick")
-        self.schedule_expiry(session)
-        await self.notify_presence(session.user_id)
 
-    async def disconnect(self, session: Session) -> None:
+    async def _resume(self, session: Session, prev: Location) -> list[bytes]:
+        """Take over a parked device: its kept messages (after whatever its dead worker's
+        inbox still held for it) and its room memberships, without ``left``/``joined``."""
+        missed: list[bytes] = []
+        if prev.node not in (PARKED, self.node_id):
+            missed += await self.backplane.salvage(prev.node, session.user_id, session.device_id)
+        missed += await self.presence.take_kept(session.user_id, session.device_id)
+        for room in await self.presence.adopt_rooms(session.member, prev, session.location):
+            self.rooms.setdefault(room, {})[session.member] = session
+            session.rooms.add(room)
+        return missed
+
+    async def disconnect(self, session: Session, park: bool = False) -> None:
         """Forget the session here and, unless a newer connection took the device, in the
         cluster: its rooms are left (others get ``left``), its watches dropped, watchers of
-        its user told.  Safe to call for a session that never connected, and twice."""
+        its user told.  With ``park`` (a drop without a clean close, or a drain) the device
+        instead stays online with its rooms for RESUME_WINDOW, its messages kept (§10).
+        Safe to call for a session that never connected, and twice."""
         devices = self.sessions.get(session.user_id)
         if devices is not None and devices.get(session.device_id) is session:
             del devices[session.device_id]
             if not devices:
                 del self.sessions[session.user_id]
         await self.unwatch(session, list(session.watching))
+        if (
+            park
+            and self.resume_window > 0
+            and await self.presence.park(
+                session.user_id, session.device_id, session.location, self.resume_window
+            )
+        ):
+            for room in list(session.rooms):
+                self._forget_local(session, room)
+            return
         for room in list(session.rooms):
             await self.leave(session, room)
         await self.presence.release(session.user_id, session.device_id, session.location)
@@ -289,15 +346,18 @@ class Hub:
         await self.send_members(room, others, frame)
         return others
 
-    async def leave(self, session: Session, room: str) -> None:
-        """Take the session out of ``room``; the others get ``left`` (unless a newer
-        connection of the same device holds the membership now)."""
+    def _forget_local(self, session: Session, room: str) -> None:
         session.rooms.discard(room)
         local_room = self.rooms.get(room)
         if local_room is not None and local_room.get(session.member) is session:
             del local_room[session.member]
             if not local_room:
                 del self.rooms[room]
+
+    async def leave(self, session: Session, room: str) -> None:
+        """Take the session out of ``room``; the others get ``left`` (unless a newer
+        connection of the same device holds the membership now)."""
+        self._forget_local(session, room)
         if await self.presence.leave(room, session.member, session.location):
             await self._announce(room, "left", session.member)
 

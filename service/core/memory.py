@@ -5,40 +5,64 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from limits.aio.storage import MemoryStorage
 
-from .contracts import Claim, Envelope, EnvelopeSink, Location, Member
+from .contracts import PARKED, Claim, Envelope, EnvelopeSink, Location, Member
 from .ratelimit import LimitsRateLimiter
 
 K = TypeVar("K", str, Member)
+LIVE, RESUMABLE, DEAD = 2, 1, 0
 
 
 @dataclass
 class MemoryCluster:
     """State shared by every simulated worker: devices, rooms, watches, node liveness,
-    inboxes."""
+    parked devices and their kept messages, inboxes."""
 
     ttl: float = 15.0
     clock: Callable[[], float] = time.monotonic
+    resume_window: float = 30.0
+    resume_max_messages: int = 1000
     devices: dict[str, dict[str, Location]] = field(default_factory=dict)
     rooms: dict[str, dict[Member, Location]] = field(default_factory=dict)
+    device_rooms: dict[Member, set[str]] = field(default_factory=dict)
     watches: dict[str, set[str]] = field(default_factory=dict)
     alive_until: dict[str, float] = field(default_factory=dict)
+    parked_until: dict[str, float] = field(default_factory=dict)
+    kept: dict[Member, deque[bytes]] = field(default_factory=dict)
     sinks: dict[str, EnvelopeSink] = field(default_factory=dict)
 
     def alive(self, node: str) -> bool:
         return self.alive_until.get(node, -1.0) > self.clock()
 
+    def state(self, loc: Location) -> int:
+        now = self.clock()
+        if loc.node == PARKED:
+            return RESUMABLE if self.parked_until.get(loc.conn, -1.0) > now else DEAD
+        if self.alive(loc.node):
+            return LIVE
+        seen = self.alive_until.get(loc.node, -1e18) + self.resume_window
+        return RESUMABLE if seen > now else DEAD
+
     def live(self, table: dict[K, Location]) -> dict[K, Location]:
-        return {k: loc for k, loc in table.items() if self.alive(loc.node)}
+        """Entries that count as online; resumable ones shown as parked."""
+        out: dict[K, Location] = {}
+        for k, loc in table.items():
+            st = self.state(loc)
+            if st == LIVE:
+                out[k] = loc
+            elif st == RESUMABLE:
+                out[k] = Location(PARKED, loc.conn)
+        return out
 
 
 def _drop_dead(cluster: MemoryCluster, table: dict[K, Location]) -> list[K]:
-    dead = [k for k, loc in table.items() if not cluster.alive(loc.node)]
+    dead = [k for k, loc in table.items() if cluster.state(loc) == DEAD]
     for k in dead:
         del table[k]
     return dead
@@ -50,13 +74,15 @@ class MemoryPresence:
 
     # devices
     async def claim(self, user: str, device: str, loc: Location, max_devices: int) -> Claim:
-        devs = self.cluster.devices.setdefault(user, {})
-        _drop_dead(self.cluster, devs)
+        c = self.cluster
+        devs = c.devices.setdefault(user, {})
+        _drop_dead(c, devs)
         prev = devs.get(device)
         if len(devs) - (prev is not None) >= max_devices:
             return Claim(False, prev)
+        resumed = prev is not None and c.state(prev) == RESUMABLE
         devs[device] = loc
-        return Claim(True, prev)
+        return Claim(True, prev, resumed)
 
     async def release(self, user: str, device: str, loc: Location) -> None:
         devs = self.cluster.devices.get(user)
@@ -64,6 +90,37 @@ class MemoryPresence:
             del devs[device]
             if not devs:
                 del self.cluster.devices[user]
+            self.cluster.device_rooms.pop((user, device), None)
+            self.cluster.kept.pop((user, device), None)
+
+    async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
+        c = self.cluster
+        devs = c.devices.get(user, {})
+        if devs.get(device) != loc:
+            return False
+        parked = Location(PARKED, loc.conn)
+        devs[device] = parked
+        c.parked_until[loc.conn] = c.clock() + window
+        for room in c.device_rooms.get((user, device), ()):
+            if c.rooms.get(room, {}).get((user, device)) == loc:
+                c.rooms[room][(user, device)] = parked
+        return True
+
+    async def take_kept(self, user: str, device: str) -> list[bytes]:
+        return list(self.cluster.kept.pop((user, device), ()))
+
+    async def rooms_of(self, member: Member) -> list[str]:
+        return sorted(self.cluster.device_rooms.get(member, ()))
+
+    async def adopt_rooms(self, member: Member, old: Location, new: Location) -> list[str]:
+        c = self.cluster
+        adopted = []
+        for room in sorted(c.device_rooms.get(member, ())):
+            table = c.rooms.get(room, {})
+            if table.get(member) in (old, Location(PARKED, old.conn)):
+                table[member] = new
+                adopted.append(room)
+        return adopted
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         return {u: self.cluster.live(self.cluster.devices.get(u, {})) for u in users}
@@ -77,10 +134,15 @@ class MemoryPresence:
     ) -> None:
         c = self.cluster
         c.alive_until[node] = c.clock() + c.ttl
+        for member in list(c.kept):  # kept frames of devices whose window ran out
+            loc = c.devices.get(member[0], {}).get(member[1])
+            if loc is None or c.state(loc) == DEAD:
+                del c.kept[member]
         for user, device, loc in devices:
             c.devices.setdefault(user, {}).setdefault(device, loc)
         for room, member, loc in rooms:
             c.rooms.setdefault(room, {}).setdefault(member, loc)
+            c.device_rooms.setdefault(member, set()).add(room)
         for user in watched:
             c.watches.setdefault(user, set()).add(node)
 
@@ -100,20 +162,26 @@ class MemoryPresence:
     async def join(
         self, room: str, member: Member, loc: Location, max_members: int
     ) -> dict[Member, Location] | None:
-        table = self.cluster.rooms.setdefault(room, {})
-        others = {m: v for m, v in self.cluster.live(table).items() if m != member}
+        c = self.cluster
+        table = c.rooms.setdefault(room, {})
+        others = {m: v for m, v in c.live(table).items() if m != member}
         if member not in table and len(others) >= max_members:
             return None
         table[member] = loc
+        c.device_rooms.setdefault(member, set()).add(room)
         return others
 
     async def leave(self, room: str, member: Member, loc: Location) -> bool:
-        table = self.cluster.rooms.get(room)
-        if table is None or table.get(member) != loc:
+        c = self.cluster
+        table = c.rooms.get(room)
+        if table is None or table.get(member) not in (loc, Location(PARKED, loc.conn)):
             return False
         del table[member]
         if not table:
-            del self.cluster.rooms[room]
+            del c.rooms[room]
+        rooms = c.device_rooms.get(member)
+        if rooms is not None:
+            rooms.discard(room)
         return True
 
     async def members(self, room: str) -> dict[Member, Location]:
@@ -159,6 +227,14 @@ class MemoryBackplane:
             return False
         asyncio.get_running_loop().call_soon(sink, envelope)
         return True
+
+    async def keep(self, user: str, device: str, frame: bytes) -> bool:
+        c = self.cluster
+        c.kept.setdefault((user, device), deque(maxlen=c.resume_max_messages)).append(frame)
+        return True
+
+    async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
+        return []  # an in-process inbox dies with its process
 
     async def heartbeat(self) -> None:
         pass

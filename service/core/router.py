@@ -33,7 +33,7 @@ from ..protocol import (
     parse,
     with_id,
 )
-from .contracts import Envelope, Location, RateLimiter
+from .contracts import PARKED, Envelope, Location, RateLimiter
 from .hub import Hub
 from .session import Session
 
@@ -191,30 +191,32 @@ class Router:
         """Local devices straight onto their outboxes; each remote worker gets one envelope.
         Returns the devices the message was handed to."""
         me = self.hub.node_id
+        backplane = self.hub.backplane
         local = [d for d, loc in targets.items() if loc.node == me]
         delivered = self.hub.deliver(user, local, frame) if local else 0
         remote: dict[str, list[str]] = {}
+        parked: list[str] = []
         for device, loc in targets.items():
-            if loc.node != me:
+            if loc.node == PARKED:
+                parked.append(device)
+            elif loc.node != me:
                 remote.setdefault(loc.node, []).append(device)
-        if not remote:
+        if not remote and not parked:
             return delivered
         nodes = list(remote)
-        results = await asyncio.gather(
-            *(
-                self.hub.backplane.send(
-                    n, Envelope("deliver", user, tuple(remote[n]), frame, ts=ts)
-                )
-                for n in nodes
-            ),
-            return_exceptions=True,
-        )
+        sends = [
+            backplane.send(n, Envelope("deliver", user, tuple(remote[n]), frame, ts=ts))
+            for n in nodes
+        ]
+        keeps = [backplane.keep(user, d, frame) for d in parked]
+        results = await asyncio.gather(*sends, *keeps, return_exceptions=True)
+        counts = [len(remote[n]) for n in nodes] + [1] * len(parked)
         failed: BaseException | None = None
-        for node, res in zip(nodes, results, strict=True):
+        for n, res in zip(counts, results, strict=True):
             if isinstance(res, BaseException):
                 failed = res
             elif res:
-                delivered += len(remote[node])
+                delivered += n
         if failed is not None and delivered == 0:
             raise failed
         return delivered

@@ -37,6 +37,7 @@ class Session:
         "rooms",
         "watching",
         "expiry_notified",
+        "held",
         "_closer",
         "_max_messages",
         "_max_bytes",
@@ -66,6 +67,8 @@ class Session:
         self.rooms: set[str] = set()
         self.watching: dict[str, tuple[str, ...]] = {}
         self.expiry_notified = False
+        # while connecting, live traffic waits here so that welcome and kept messages go first
+        self.held: list[bytes] | None = None
         self._closer = closer
         self._max_messages = max_messages
         self._max_bytes = max_bytes
@@ -86,6 +89,9 @@ class Session:
         """Queue one frame; False (and the connection closing) when the queue is full."""
         if self.closed:
             return False
+        if self.held is not None:
+            self.held.append(frame)
+            return True
         if len(self.outbox) >= self._max_messages or (
             self.outbox_bytes + len(frame) > self._max_bytes
         ):
@@ -95,6 +101,19 @@ class Session:
         self.outbox_bytes += len(frame)
         self.ready.set()
         return True
+
+    def release_held(self) -> None:
+        """End the connecting phase: what arrived meanwhile follows what was pushed first."""
+        held, self.held = self.held, None
+        for frame in held or ():
+            self.push(frame)
+
+    def push_first(self, frames: list[bytes]) -> None:
+        """Queue frames ahead of the held live traffic (welcome, kept messages)."""
+        held, self.held = self.held, None
+        for frame in frames:
+            self.push(frame)
+        self.held = held
 
     def take(self) -> list[bytes]:
         """Everything queued, oldest first; the edge's writer calls this after ``ready``."""

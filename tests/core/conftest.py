@@ -72,7 +72,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def cluster(clock: FakeClock) -> MemoryCluster:
-    return MemoryCluster(ttl=15, clock=clock)
+    return MemoryCluster(ttl=15, clock=clock, resume_window=10)
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ async def test_janitor_reports_dead_worker_once(make_node, clock):
         await node.send(s, type="subscribe", room="r")
     await a.send(sa, type="watch", users=["uc"])
     frames(sa), frames(sb)
-    for _ in range(4):  # A and B beat every 5 s; C has stopped
+    for _ in range(6):  # A and B beat every 5 s; C stopped: dead after 15 s, + 10 s resume
         clock.t += 5
         await a.hub.beat()
         await b.hub.beat()

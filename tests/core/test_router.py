@@ -83,7 +83,11 @@ async def test_dead_worker_devices_are_offline_after_ttl(make_node, clock):
     await b.connect("bob", "b1")
     await a.send(alice, type="presence", users=["bob"])
     assert frames(alice)[0]["users"]["bob"] == {"online": True, "devices": ["b1"]}
-    clock.t += 16  # B stops heart-beating; A beats
+    clock.t += 16  # B stopped heart-beating: known dead, bob inside his resume window
+    await a.hub.beat()
+    await a.send(alice, type="presence", users=["bob"])
+    assert frames(alice)[0]["users"]["bob"] == {"online": True, "devices": ["b1"]}
+    clock.t += 10  # the resume window is over
     await a.hub.beat()
     await a.send(alice, type="presence", users=["bob"])
     assert frames(alice)[0]["users"]["bob"] == {"online": False, "devices": []}

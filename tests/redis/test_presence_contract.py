@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,30 +11,35 @@ import pytest
 from service.backends import keys
 from service.backends.redis_client import make_client
 from service.backends.redis_presence import RedisPresence
-from service.core.contracts import Location
+from service.core.contracts import PARKED, Location
 from service.core.memory import MemoryCluster, MemoryPresence
 
 
 class Twin:
-    def __init__(self, presence: Any, kill: Any) -> None:
+    def __init__(self, presence: Any, kill: Any, advance: Any = None) -> None:
         self.p = presence
         self.kill = kill
+        self.advance = advance
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def twin(request: pytest.FixtureRequest) -> AsyncIterator[Twin]:
     if request.param == "memory":
-        cluster = MemoryCluster(ttl=15)
+        now = [1000.0]
+        cluster = MemoryCluster(ttl=15, clock=lambda: now[0])
 
         async def kill_mem(node: str) -> None:
             cluster.alive_until.pop(node, None)
 
-        yield Twin(MemoryPresence(cluster), kill_mem)
+        def advance(seconds: float) -> None:
+            now[0] += seconds
+
+        yield Twin(MemoryPresence(cluster), kill_mem, advance)
         return
     redis = make_client(request.getfixturevalue("redis_url"), timeout=2.0)
 
     async def kill_redis(node: str) -> None:
-        await redis.delete(keys.node_alive(node))
+        await redis.delete(keys.node_alive(node), keys.node_seen(node))
 
     yield Twin(RedisPresence(redis, ttl=15), kill_redis)
     await redis.aclose()
@@ -96,11 +102,14 @@ async def test_heartbeat_restores_lost_registrations_without_overwriting(twin: T
 
 
 async def test_redis_keys_have_ttls_and_no_addresses(redis: Any) -> None:
-    p = RedisPresence(redis, ttl=7)
+    p = RedisPresence(redis, ttl=7, resume_window=5)
     await p.heartbeat("A", [])
     await p.claim("u", "d1", A1, 10)
-    assert 0 < await redis.ttl(keys.devices("u")) <= 7
+    await p.join("r", ("u", "d1"), A1, 10)
+    # entries outlive the worker's liveness by a heartbeat lifetime plus the resume window
+    assert 7 < await redis.ttl(keys.devices("u")) <= 19
     assert 0 < await redis.ttl(keys.node_alive("A")) <= 7
+    assert 7 < await redis.ttl(keys.node_seen("A")) <= 12
     for key in await redis.keys("*"):
         assert await redis.ttl(key) > 0, key
 
@@ -144,3 +153,44 @@ async def test_watchers(twin: Twin) -> None:
     assert await p.watchers("nobody") == set()
     await p.heartbeat("C", [], watched=["u"])
     assert await p.watchers("u") == {"B", "C"}
+
+
+async def test_park_keeps_device_and_rooms_until_resumed(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    await p.claim("u", "d", A1, 10)
+    await p.join("r", ("u", "d"), A1, 10)
+    await p.join("r", ("v", "x"), B1, 10)
+    assert not await p.park("u", "d", A2, 30)  # not the current connection
+    assert await p.park("u", "d", A1, 30)
+    parked = Location(PARKED, A1.conn)
+    assert await p.locate(["u"]) == {"u": {"d": parked}}
+    assert (await p.members("r"))[("u", "d")] == parked
+    assert await p.rooms_of(("u", "d")) == ["r"]
+    claim = await p.claim("u", "d", B1, 10)
+    assert claim.ok and claim.resumed and claim.previous is not None
+    assert claim.previous.conn == A1.conn
+    assert await p.adopt_rooms(("u", "d"), claim.previous, B1) == ["r"]
+    assert (await p.members("r"))[("u", "d")] == B1
+
+
+async def test_parked_device_expires_and_is_swept(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.claim("u", "d", A1, 10)
+    await p.join("r", ("u", "d"), A1, 10)
+    assert await p.park("u", "d", A1, 0.05)
+    await asyncio.sleep(0.1) if isinstance(p, RedisPresence) else twin.advance(1)
+    assert await p.locate(["u"]) == {"u": {}}
+    assert await p.sweep(["u"], ["r"]) == (["u"], {"r": [("u", "d")]})
+    claim = await p.claim("u", "d", A2, 10)
+    assert claim.ok and not claim.resumed
+
+
+async def test_clean_release_ends_everything(twin: Twin) -> None:
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.claim("u", "d", A1, 10)
+    await p.release("u", "d", A1)
+    assert (await p.claim("u", "d", A2, 10)).resumed is False
