@@ -37,7 +37,8 @@ class Node:
         self.router = Router(self.hub, memory_rate_limiter(rate))
         self._n = 0
 
-    async def connect(self, user: str, device: str, **kw: Any) -> Session:
+    def session(self, user: str, device: str, **kw: Any) -> TSession:
+        """A new, not yet connected session on this node."""
         self._n += 1
         closes: list[tuple[int, str]] = []
         session = TSession(
@@ -47,6 +48,10 @@ class Node:
             **kw,
         )
         session.closes = closes
+        return session
+
+    async def connect(self, user: str, device: str, **kw: Any) -> Session:
+        session = self.session(user, device, **kw)
         await self.hub.connect(session)
         return session
 

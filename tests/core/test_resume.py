@@ -1,0 +1,103 @@
+"""Resume (§10) and takeover on the in-memory twins: no sockets, a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+from tests.core.conftest import Node, frames, settle
+
+
+def welcome(resumed: bool, missed: int) -> bytes:
+    return json.dumps({"type": "welcome", "resumed": resumed, "missed": missed}).encode()
+
+
+async def test_parked_device_gets_kept_messages_in_order_on_another_worker(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    carol = await b.connect("carol", "c1")
+    await a.send(bob, type="subscribe", room="r")
+    await b.send(carol, type="subscribe", room="r")
+    frames(bob), frames(carol)
+    await a.hub.disconnect(bob, park=True)
+    for i in range(3):
+        await a.send(alice, type="offer", to="bob", payload=i, id=f"m{i}")
+    assert [f["devices"] for f in frames(alice)] == [1, 1, 1]
+    await a.send(alice, type="presence", users=["bob"])
+    assert frames(alice)[0]["users"]["bob"] == {"online": True, "devices": ["b1"]}
+    assert frames(carol) == []  # no `left`
+    bob2 = Node.session(b, "bob", "b1")
+    assert await b.hub.connect(bob2, welcome) is True
+    got = frames(bob2)
+    assert got[0] == {"type": "welcome", "resumed": True, "missed": 3}
+    assert [f["payload"] for f in got[1:]] == [0, 1, 2]
+    await b.send(carol, type="publish", room="r", payload="hi")
+    assert frames(bob2)[0]["payload"] == "hi"
+    assert all(f["type"] not in ("joined", "left") for f in frames(carol))
+
+
+async def test_clean_disconnect_is_not_resumable(make_node):
+    a = await make_node("A")
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    await a.hub.disconnect(bob)
+    await a.send(alice, type="offer", to="bob", id="x")
+    assert frames(alice)[0]["code"] == "peer_offline"
+    again = Node.session(a, "bob", "b1")
+    assert await a.hub.connect(again, welcome) is False
+    assert frames(again) == [{"type": "welcome", "resumed": False, "missed": 0}]
+
+
+async def test_window_expiry_reports_left_and_offline(make_node, clock):
+    a = await make_node("A")
+    w = await a.connect("w", "w1")
+    bob = await a.connect("bob", "b1")
+    await a.send(w, type="watch", users=["bob"])
+    await a.send(w, type="subscribe", room="r")
+    await a.send(bob, type="subscribe", room="r")
+    frames(w)
+    await a.hub.disconnect(bob, park=True)
+    await settle()
+    assert frames(w) == []  # still online, still in the room
+    clock.t += 31  # the hub parks for RESUME_WINDOW (30 s by default)
+    await a.hub.beat()
+    await settle()
+    got = frames(w)
+    assert {"type": "left", "room": "r", "user_id": "bob", "device_id": "b1"} in got
+    assert {"type": "presence_changed", "user_id": "bob", "online": False,
+            "devices": []} in got
+    again = Node.session(a, "bob", "b1")
+    assert await a.hub.connect(again, welcome) is False
+
+
+async def test_kept_messages_are_bounded_oldest_dropped(make_node, cluster):
+    cluster.resume_max_messages = 2
+    a = await make_node("A")
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    await a.hub.disconnect(bob, park=True)
+    for i in range(4):
+        await a.send(alice, type="candidate", to="bob", payload=i)
+    again = Node.session(a, "bob", "b1")
+    await a.hub.connect(again, welcome)
+    got = frames(again)
+    assert got[0]["missed"] == 2 and [f["payload"] for f in got[1:]] == [2, 3]
+
+
+async def test_takeover_leaves_rooms_before_the_new_connection_joins(make_node):
+    a, b = await make_node("A"), await make_node("B")
+    old = await a.connect("u", "d")
+    peer = await b.connect("p", "p1")
+    await a.send(old, type="subscribe", room="r")
+    await b.send(peer, type="subscribe", room="r")
+    frames(peer)
+    new = await b.connect("u", "d")
+    await b.send(new, type="subscribe", room="r")
+    await settle()
+    events = [(f["type"], f["user_id"]) for f in frames(peer)]
+    assert events == [("left", "u"), ("joined", "u")]
+    assert old.closed and old.close_code == 4009
+    await a.hub.disconnect(old)  # the old one's cleanup changes nothing for the new one
+    await settle()
+    assert frames(peer) == []
+    assert ("u", "d") in await b.hub.presence.members("r")
