@@ -212,49 +212,105 @@ def test_wheel_holds_the_whole_package(wheel: Path) -> None:
     assert not [n for n in names if n.startswith("tests/")]
 
 
-def test_wheel_entrypoint_serves_and_the_healthcheck_passes(wheel: Path, tmp_path: Path) -> None:
-    """What the container does: ``signaling-server -addr …`` from the installed wheel (not the
-    source tree), a metrics directory that does not exist yet, then the HEALTHCHECK."""
-    site = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel installed on its own (its dependencies come from the test virtualenv)."""
+    site = tmp_path_factory.mktemp("site")
     run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                           "--target", str(site), str(wheel)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    entrypoint = site / "bin" / "signaling-server"
-    assert entrypoint.exists()
+    assert (site / "bin" / "signaling-server").exists()
+    return site
+
+
+def run_entrypoint(site: Path, workdir: Path, metrics_dir: Path,
+                   wrap: list[str] | None = None, **extra: str) -> ServerProcess:
+    """The image's ENTRYPOINT + CMD (the address moved to a free loopback port) from an
+    empty working directory, like ``docker run`` does; waits for /health."""
     port = free_port()
-    workdir = tmp_path / "srv"  # an empty working directory, like the image's
-    workdir.mkdir()
-    env = server_env(None, PYTHONPATH=str(site), PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "m"),
-                     PYTHONDONTWRITEBYTECODE="1")
-    log_path = Path(tempfile.mkstemp(prefix="sig-image-", suffix=".log")[1])
+    env = server_env(None, PYTHONPATH=str(site), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+                     PYTHONDONTWRITEBYTECODE="1", **extra)
+    (entry,) = final().all("ENTRYPOINT")
     (cmd,) = final().all("CMD")
-    args = [a.replace(":8080", f"127.0.0.1:{port}") for a in exec_form(cmd.args)]
+    argv = [str(site / "bin" / exec_form(entry.args)[0])]
+    argv += [a.replace(":8080", f"127.0.0.1:{port}") for a in exec_form(cmd.args)]
+    log_path = Path(tempfile.mkstemp(prefix="sig-image-", suffix=".log")[1])
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([str(entrypoint), *args], env=env, cwd=workdir, stdout=out,
+        proc = subprocess.Popen((wrap or []) + argv, env=env, cwd=workdir, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     server = ServerProcess(port, proc, log_path, env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            if server.get("/health")[0] == 200 and "Worker ready" in server.log():
+                # a SIGTERM in the first few ms after this can leave Sanic's main process
+                # spinning (tests/support.py's stop() kills it then): give it a moment
+                time.sleep(0.2)
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"the entrypoint did not serve /health:\n{server.log()}")
+
+
+def healthcheck_argv() -> list[str]:
+    (hc,) = final().all("HEALTHCHECK")
+    probe = exec_form(hc.args.partition("CMD ")[2])
+    probe[0] = sys.executable  # "python" of the image
+    return probe
+
+
+def test_wheel_entrypoint_serves_and_the_healthcheck_passes(installed: Path,
+                                                            tmp_path: Path) -> None:
+    """What the container does: ``signaling-server -addr …`` from the installed wheel (not the
+    source tree), a metrics directory that does not exist yet, then the HEALTHCHECK."""
+    workdir = tmp_path / "srv"  # an empty working directory, like the image's
+    workdir.mkdir()
+    server = run_entrypoint(installed, workdir, tmp_path / "m")
+    probe = healthcheck_argv()
+    hc_env = dict(os.environ, HEALTHCHECK_URL=f"{server.http}/health")
     try:
-        deadline = time.monotonic() + 30
-        healthy = False
-        while time.monotonic() < deadline and proc.poll() is None and not healthy:
-            with contextlib.suppress(OSError):
-                healthy = server.get("/health")[0] == 200
-            time.sleep(0.1)
-        assert healthy, server.log()
-        (hc,) = final().all("HEALTHCHECK")
-        probe = exec_form(hc.args.partition("CMD ")[2])
-        probe[0] = sys.executable
-        hc_env = dict(os.environ, HEALTHCHECK_URL=f"{server.http}/health")
         assert subprocess.run(probe, env=hc_env, timeout=30).returncode == 0
         status, body = server.get("/metrics")
         assert status == 200 and "signaling_active_connections" in body
         assert (tmp_path / "m").is_dir()
         # the code that ran is the wheel's, not the repository's
-        assert str(site) in subprocess.run(
-            [sys.executable, "-c", "import service; print(service.__file__)"], env=env,
-            cwd=workdir, capture_output=True, text=True, timeout=30).stdout
+        where = subprocess.run(
+            [sys.executable, "-c", "import service; print(service.__file__)"],
+            env=server.env, cwd=workdir, capture_output=True, text=True, timeout=30)
+        assert where.stdout.startswith(str(installed)), where.stdout + where.stderr
     finally:
         server.stop()
     # and the healthcheck fails once the server is gone
     assert subprocess.run(probe, env=hc_env, capture_output=True, timeout=30).returncode != 0
+
+
+def test_entrypoint_runs_on_a_read_only_root_filesystem(installed: Path,
+                                                        tmp_path: Path) -> None:
+    """readOnlyRootFilesystem (k8s) / read_only (compose): in a private mount namespace the
+    whole filesystem is remounted read-only and one tmpfs is the only writable place (the
+    image's /tmp with /tmp/metrics in it)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (needs root / CAP_SYS_ADMIN)")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    workdir = tmp_path / "srv"
+    workdir.mkdir()
+    script = ('mount -o remount,bind,ro / && mount -t tmpfs -o size=64m tmpfs "$SCRATCH" '
+              '&& ! touch "$WORKDIR/probe" 2>/dev/null && exec "$@"')
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+    server = run_entrypoint(installed, workdir, scratch / "metrics", wrap,
+                            SCRATCH=str(scratch), WORKDIR=str(workdir), TMPDIR=str(scratch))
+    try:
+        assert server.get("/ready")[0] == 200
+        status, body = server.get("/metrics")
+        assert status == 200 and "signaling_active_connections 0.0" in body
+        hc_env = dict(os.environ, HEALTHCHECK_URL=f"{server.http}/health")
+        assert subprocess.run(healthcheck_argv(), env=hc_env, timeout=30).returncode == 0
+        # and SIGTERM (drain included) still ends it cleanly
+        server.proc.terminate()
+        assert server.proc.wait(10) == 0, server.log()
+    finally:
+        server.stop()
+    assert not (workdir / "probe").exists()
+    assert not list(scratch.iterdir()), "the tmpfs was not private to the server"
