@@ -44,9 +44,12 @@ RUN groupadd --system --gid 10001 signaling \
             --shell /usr/sbin/nologin signaling
 
 # Install from the builder's wheelhouse, bind-mounted so the wheels never land in a layer.
+# The smoke check imports the package, which creates its metrics directory: point it
+# elsewhere, or a root-owned /tmp/metrics would stay in the image for user 10001 to trip on.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels liberty-reach-signaling \
- && signaling-server --help >/dev/null
+ && PROMETHEUS_MULTIPROC_DIR=/tmp/build-check signaling-server --help >/dev/null \
+ && rm -rf /tmp/build-check
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a runAsUser.
 USER 10001:10001

@@ -72,6 +72,18 @@ def test_final_stage_runs_as_a_non_root_user() -> None:
     assert not [i for i in runtime.all("RUN") if i.line > last_user_line]
 
 
+def test_no_root_owned_metrics_dir_left_in_the_image() -> None:
+    """Importing the package creates PROMETHEUS_MULTIPROC_DIR: a build step that runs it as
+    root with the image's value would leave /tmp/metrics root-owned, and the server (user
+    10001) could not write its metrics there in a plain ``docker run`` without a tmpfs."""
+    metrics_dir = env_of(final())["PROMETHEUS_MULTIPROC_DIR"]
+    for i in final().all("RUN"):
+        if "signaling-server" in i.args or "import service" in i.args:
+            override = re.search(r"PROMETHEUS_MULTIPROC_DIR=(\S+) ", i.args)
+            assert override and override.group(1) != metrics_dir, i.args
+            assert f"rm -rf {override.group(1)}" in i.args, i.args
+
+
 def test_no_build_tools_in_the_final_stage() -> None:
     runtime = final()
     for i in runtime.all("RUN"):
