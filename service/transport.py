@@ -128,10 +128,15 @@ async def websocket_handler(request: Request, ws: Any) -> None:
     started = time.monotonic()
     writer = asyncio.create_task(_write_loop(ws, session))
     connected = False
-    try:
-        await rt.hub.connect(
+    # Sanic cancels this handler when the socket drops; the claim must still finish (and
+    # then be parked or released), so it runs in its own task.
+    connecting = asyncio.ensure_future(
+        rt.hub.connect(
             session, lambda resumed, missed: _welcome(rt, identity, conn_id, resumed, missed)
         )
+    )
+    try:
+        await asyncio.shield(connecting)
         connected = True
         metrics.ACTIVE.inc()
         await _read_loop(rt, ws, session)
@@ -145,8 +150,14 @@ async def websocket_handler(request: Request, ws: Any) -> None:
         if connected:
             metrics.ACTIVE.dec()
             metrics.DURATION.observe(time.monotonic() - started)
+        if not connecting.done():
+            with contextlib.suppress(BaseException):
+                await connecting
+        claimed = (
+            connecting.done() and not connecting.cancelled() and connecting.exception() is None
+        )
         with contextlib.suppress(Exception):
-            await rt.hub.disconnect(session, park=connected and _resumable(ws, session))
+            await rt.hub.disconnect(session, park=claimed and _resumable(ws, session))
         if not session.closed:
             session.close(Close.NORMAL)
         with contextlib.suppress(Exception):

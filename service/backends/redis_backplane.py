@@ -23,13 +23,33 @@ from redis.exceptions import ResponseError
 
 from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
 from . import keys
+from .redis_presence import _ALIVE
 
 log = logging.getLogger("signaling.backplane")
 
 # (stream or kept-list key, XADD fields or None for a kept frame, frame, future)
 _Pending = tuple[str, "dict[bytes, bytes] | None", bytes, "asyncio.Future[bool]"]
-_KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "presence": b"p"}
+_KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "kicked": b"K", "presence": b"p"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
+
+
+# KEYS: the user's device hash, the device's kept list; ARGV: device, frame, max, ttl,
+# node prefix.  Keeps the frame only while the device is still parked: a sender that
+# looked it up as parked just before it resumed must route the frame again, not leave it
+# in a list nobody will read.
+_KEEP = _ALIVE + """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v or state(ARGV[5], v) ~= 1 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+def fields_of_kept(key: str) -> tuple[str, str]:
+    user, _, device = key[len(keys.kept("", "")) - 1 :].partition("/")
+    return user, device
 
 
 def encode_envelope(env: Envelope) -> dict[bytes, bytes]:
@@ -74,6 +94,7 @@ class RedisBackplane:
         resuming elsewhere can salvage what it held); ``keep_max``/``keep_ttl`` bound the
         frames kept for parked devices."""
         self._redis = redis
+        self._keep_script = redis.register_script(_KEEP)
         self._keep_max = keep_max
         self._keep_ttl = keep_ttl or ttl
         self._reader = reader
@@ -169,10 +190,13 @@ class RedisBackplane:
                 pipe.xadd(key, fields, maxlen=self._maxlen, approximate=True, nomkstream=True)  # type: ignore[arg-type]
                 spans.append(1)
             else:
-                pipe.rpush(key, frame)
-                pipe.ltrim(key, -self._keep_max, -1)
-                pipe.expire(key, self._keep_ttl)
-                spans.append(3)
+                user, device = fields_of_kept(key)
+                await self._keep_script(  # queues EVALSHA on the pipeline
+                    keys=[keys.devices(user), key],
+                    args=[device, frame, self._keep_max, self._keep_ttl, keys.node_alive_prefix()],
+                    client=pipe,
+                )
+                spans.append(1)
         try:
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:
@@ -193,7 +217,9 @@ class RedisBackplane:
                 self._stats.backplane_error("xadd")
                 fut.set_exception(ConnectionError("backplane write failed"))
             else:
-                fut.set_result(fields is None or res[0] is not None)
+                # XADD: nil when the inbox is gone; keep: 0 when the device is no longer
+                # parked (it resumed meanwhile: the caller routes it again)
+                fut.set_result(res[0] is not None if fields is not None else res[0] == 1)
 
     # ------------------------------------------------------------------ reading
 

@@ -51,7 +51,9 @@ class Envelope:
 
     - ``deliver``: ``frame`` to ``devices`` of ``user``;
     - ``members``: ``frame`` to room members, ``devices`` holding ``"user/device"`` entries;
-    - ``kick``: close connection ``conn`` of ``user``/``devices[0]`` with 4009;
+    - ``kick``: close connection ``conn`` of ``user``/``devices[0]`` with 4009, and answer
+      ``kicked`` to the ``node|conn`` in ``frame``;
+    - ``kicked``: the answer to a kick, for the new connection ``conn``;
     - ``presence``: the online devices of ``user`` changed; watchers here re-read them.
 
     ``ts`` is the sender's acceptance time in unix ms (for the delivery-latency metric)."""
@@ -149,7 +151,8 @@ class Backplane(Protocol):
     def send(self, node: str, envelope: Envelope) -> Awaitable[bool]: ...
 
     def keep(self, user: str, device: str, frame: bytes) -> Awaitable[bool]:
-        """Keep ``frame`` for a parked device (bounded, expiring), in order with ``send``."""
+        """Keep ``frame`` for a parked device (bounded, expiring), in order with ``send``;
+        False when the device is no longer parked (route it again)."""
         ...
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:

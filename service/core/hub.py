@@ -52,6 +52,7 @@ class Hub:
         heartbeat_interval: float = 5.0,
         token_expiring_notice: int = 60,
         resume_window: float = 30.0,
+        takeover_probe: float = 1.0,
         stats: Stats | None = None,
         clock_ms: Callable[[], int] = now_ms,
         clock_s: Callable[[], float] = time.time,
@@ -64,6 +65,10 @@ class Hub:
         self.heartbeat_interval = heartbeat_interval
         self.token_expiring_notice = token_expiring_notice
         self.resume_window = resume_window
+        # seconds the worker of a replaced connection has to answer before it is taken
+        # for dead (crashed, not yet known dead): then the new connection resumes instead
+        self.takeover_probe = takeover_probe
+        self._kick_waiters: dict[str, asyncio.Future[None]] = {}
         self._clock_ms = clock_ms
         self._clock_s = clock_s
         self.sessions: dict[str, dict[str, Session]] = {}
@@ -166,31 +171,47 @@ class Hub:
         if old is not None and old is not session:
             old.close(Close.REPLACED, "replaced by a newer connection")
         prev = claim.previous
-        missed: list[bytes] = []
-        if prev is not None and claim.resumed:
-            missed = await self._resume(session, prev)
-        elif prev is not None and prev.conn != session.conn_id:
-            await self._evict(session.member, prev)
-        first = [welcome(claim.resumed, len(missed))] if welcome is not None else []
+        resumed = claim.resumed
+        if prev is not None and not resumed and prev.conn != session.conn_id:
+            if prev.node in (self.node_id, PARKED) or await self._answers_kick(session, prev):
+                await self._evict(session.member, prev)
+            else:
+                resumed = True  # its worker died and nobody knew yet: §10 resume
+        missed = await self._resume(session, prev) if resumed and prev is not None else []
+        first = [welcome(resumed, len(missed))] if welcome is not None else []
         session.push_first(first + missed)
         session.release_held()
         self.schedule_expiry(session)
-        if not claim.resumed:
+        if not resumed:
             await self.notify_presence(session.user_id)
-        return claim.resumed
+        return resumed
+
+    async def _answers_kick(self, session: Session, prev: Location) -> bool:
+        """Tell the worker of the replaced connection to close it (4009) and wait for its
+        answer; False when it does not answer within ``takeover_probe`` (it is dead)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._kick_waiters[session.conn_id] = fut
+        reply_to = f"{self.node_id}|{session.conn_id}".encode()
+        kick = Envelope("kick", session.user_id, (session.device_id,), reply_to, prev.conn)
+        try:
+            if not await self.backplane.send(prev.node, kick):
+                return False  # its inbox is gone: long dead
+            await asyncio.wait_for(fut, self.takeover_probe)
+            return True
+        except TimeoutError:
+            return False
+        except Exception:
+            self.stats.backplane_error("kick")
+            return True  # unknown: treat as a live takeover (the safe, documented default)
+        finally:
+            self._kick_waiters.pop(session.conn_id, None)
 
     async def _evict(self, member: Member, prev: Location) -> None:
         """Takeover: the replaced connection leaves its rooms now (others get ``left``
-        before any ``joined`` of the new one) and is told to close with 4009."""
+        before any ``joined`` of the new one)."""
         for room in await self.presence.rooms_of(member):
             if await self.presence.leave(room, member, prev):
                 await self._announce(room, "left", member)
-        if prev.node not in (self.node_id, PARKED):
-            try:
-                kick = Envelope("kick", member[0], (member[1],), conn=prev.conn)
-                await self.backplane.send(prev.node, kick)
-            except Exception:  # the old worker is unreachable; its presence expires anyway
-                self.stats.backplane_error("kick")
 
     async def _resume(self, session: Session, prev: Location) -> list[bytes]:
         """Take over a parked device: its kept messages (after whatever its dead worker's
@@ -325,8 +346,24 @@ class Hub:
             s = self.local(env.user, env.devices[0]) if env.devices else None
             if s is not None and s.conn_id == env.conn:
                 s.close(Close.REPLACED, "replaced by a newer connection")
+            node, _, conn = env.frame.decode().partition("|")
+            if node:  # answer: this worker is alive, the old connection is closing
+                self._spawn(self._reply(node, Envelope("kicked", env.user, env.devices, conn=conn)))
+        elif env.kind == "kicked":
+            fut = self._kick_waiters.get(env.conn)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         elif env.kind == "presence":
             self._spawn(self.refresh_watchers(env.user))
+
+    async def _reply(self, node: str, env: Envelope) -> None:
+        if node == self.node_id:
+            self.on_envelope(env)
+            return
+        try:
+            await self.backplane.send(node, env)
+        except Exception:
+            self.stats.backplane_error("kick")
 
     # ------------------------------------------------------------------ rooms
 

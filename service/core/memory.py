@@ -230,6 +230,9 @@ class MemoryBackplane:
 
     async def keep(self, user: str, device: str, frame: bytes) -> bool:
         c = self.cluster
+        loc = c.devices.get(user, {}).get(device)
+        if loc is None or c.state(loc) != RESUMABLE:
+            return False  # resumed (or gone) meanwhile: the caller routes it again
         c.kept.setdefault((user, device), deque(maxlen=c.resume_max_messages)).append(frame)
         return True
 

@@ -212,11 +212,19 @@ class Router:
         results = await asyncio.gather(*sends, *keeps, return_exceptions=True)
         counts = [len(remote[n]) for n in nodes] + [1] * len(parked)
         failed: BaseException | None = None
-        for n, res in zip(counts, results, strict=True):
+        resumed: list[str] = []
+        for i, (n, res) in enumerate(zip(counts, results, strict=True)):
             if isinstance(res, BaseException):
                 failed = res
             elif res:
                 delivered += n
+            elif i >= len(nodes):
+                resumed.append(parked[i - len(nodes)])
+        if resumed:  # they reconnected between our lookup and the keep: route them live
+            located = (await self.hub.presence.locate([user])).get(user, {})
+            live = {d: located[d] for d in resumed if d in located and located[d].node != PARKED}
+            if live:
+                delivered += await self._route(user, live, frame, ts)
         if failed is not None and delivered == 0:
             raise failed
         return delivered
