@@ -120,6 +120,9 @@ class Settings:
     resume_window: int = 30
     # Messages kept per parked device; the oldest are dropped first.
     resume_max_messages: int = 1000
+    # Seconds the worker of a replaced connection has to confirm the 4009 before it is taken
+    # for crashed (then the new connection resumes instead, §10).
+    takeover_probe: float = 2.0
     # Approximate cap on each worker's inbox stream (XADD MAXLEN ~).
     inbox_maxlen: int = 10000
     # Entries one XREADGROUP may return.
@@ -207,6 +210,7 @@ class Settings:
             inbox_maxlen=_int(env, "INBOX_MAXLEN", 10000, 100),
             resume_window=_int(env, "RESUME_WINDOW", 30),
             resume_max_messages=_int(env, "RESUME_MAX_MESSAGES", 1000, 1),
+            takeover_probe=_float(env, "TAKEOVER_PROBE", 2.0, 0.05),
             outbox_max_messages=_int(env, "OUTBOX_MAX_MESSAGES", 1024, 8),
             outbox_max_bytes=_int(env, "OUTBOX_MAX_BYTES", 4 * 1024 * 1024, 65536),
             ws_ping_interval=_float(env, "WS_PING_INTERVAL", 20.0),
