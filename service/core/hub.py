@@ -52,7 +52,7 @@ class Hub:
         heartbeat_interval: float = 5.0,
         token_expiring_notice: int = 60,
         resume_window: float = 30.0,
-        takeover_probe: float = 1.0,
+        takeover_probe: float = 2.0,
         stats: Stats | None = None,
         clock_ms: Callable[[], int] = now_ms,
         clock_s: Callable[[], float] = time.time,
