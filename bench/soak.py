@@ -43,7 +43,9 @@ RSS is the sum of ``VmRSS`` over each server process and all its descendants (Sa
 worker processes), read from ``/proc``: ``rss_before_kb`` once the cluster is ready and
 idle, ``rss_after_kb`` after every client has gone and the servers had 2 s to settle;
 ``rss_warm_kb`` after the first tenth of the run (warm-up) and ``rss_max_kb`` the largest
-sample, to tell allocation during warm-up from growth over time.
+sample, to tell allocation during warm-up from growth over time; ``rss_series_kb`` every
+sample (every 5 s) and ``growth_second_half_kb`` the growth from half-time to the end of
+the client phase, which is about zero once the servers have plateaued.
 """
 
 from __future__ import annotations
@@ -449,6 +451,13 @@ def cluster_rss(servers: list[ServerProcess]) -> int:
     return sum(rss_kb(process_tree(s.proc.pid)) for s in servers)
 
 
+def rss_by_process(servers: list[ServerProcess]) -> dict[str, int]:
+    """``"<instance>/<pid>": VmRSS kB`` for every process of every instance (the first of
+    each instance is Sanic's main process; then its helpers and workers)."""
+    return {f"{n}/{pid}": rss_kb([pid])
+            for n, s in enumerate(servers) for pid in process_tree(s.proc.pid)}
+
+
 def start_cluster(cfg: SoakConfig) -> tuple[RedisServer, list[ServerProcess]]:
     redis = start_redis()
     env = server_env(redis.url, RATE_LIMIT="100000/second", MAX_DEVICES_PER_USER="10",
@@ -484,6 +493,14 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 1)
 
 
+def _second_half_growth(series: list[tuple[float, int]]) -> int | None:
+    if len(series) < 3:
+        return None
+    end_t, end_kb = series[-1]
+    _, half_kb = min(series, key=lambda p: abs(p[0] - end_t / 2))
+    return end_kb - half_kb
+
+
 async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
     soak = Soak(cfg, servers)
     users = (cfg.clients + cfg.devices_per_user - 1) // cfg.devices_per_user
@@ -496,7 +513,9 @@ async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr))
 
     rss_before = cluster_rss(servers)
+    by_process_before = rss_by_process(servers)
     rss_samples = [rss_before]
+    rss_series: list[tuple[float, int]] = [(0.0, rss_before)]  # (seconds into the run, kB)
     rss_warm: int | None = None
     duration = cfg.minutes * 60
     started = time.monotonic()
@@ -505,6 +524,7 @@ async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
         while (elapsed := time.monotonic() - started) < duration:
             await asyncio.sleep(min(5.0, duration - elapsed))
             rss_samples.append(cluster_rss(servers))
+            rss_series.append((round(time.monotonic() - started, 1), rss_samples[-1]))
             if rss_warm is None and time.monotonic() - started >= duration / 10:
                 rss_warm = rss_samples[-1]
             t = soak.tally
@@ -529,6 +549,7 @@ async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
     await asyncio.sleep(2.0)
     rss_after = cluster_rss(servers)
     rss_samples.append(rss_after)
+    by_process_after = rss_by_process(servers)
 
     soak.account()
     t = soak.tally
@@ -565,6 +586,13 @@ async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
         "growth_kb": rss_after - rss_before,
         "growth_since_warm_kb": rss_after - (rss_warm if rss_warm is not None else rss_after),
         "rss_median_kb": int(statistics.median(rss_samples)),
+        # under load: the last sample minus the one nearest half-time; a plateau gives ~0
+        "growth_second_half_kb": _second_half_growth(rss_series),
+        "rss_series_kb": rss_series,
+        "rss_by_process_kb": {
+            key: {"before": by_process_before.get(key), "after": by_process_after.get(key)}
+            for key in sorted(set(by_process_before) | set(by_process_after))
+        },
     }
     too_big = cfg.max_growth_mb is not None and rss_after - rss_before > cfg.max_growth_mb * 1024
     result["passed"] = not (lost or t.duplicates or t.unexpected or t.out_of_order
