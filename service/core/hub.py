@@ -17,6 +17,7 @@ import itertools
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -74,7 +75,9 @@ class Hub:
         self.sessions: dict[str, dict[str, Session]] = {}
         self.rooms: dict[str, dict[Member, Session]] = {}
         self.watchers: dict[str, set[Session]] = {}
-        self._deadlines: list[tuple[float, int, str, Session, int]] = []
+        # (when, seq, kind, session, exp): weak references, so that a closed connection is
+        # freed at once rather than when its token would have expired
+        self._deadlines: list[tuple[float, int, str, weakref.ref[Session], int]] = []
         self._seq = itertools.count()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresh_pending: dict[str, bool] = {}
@@ -270,19 +273,24 @@ class Hub:
         """(Re)arm the ``token_expiring`` notice and the 4001 close for the session's
         current expiry; older entries are ignored when they come due."""
         exp = session.expires_at
+        ref = weakref.ref(session)
         heapq.heappush(
             self._deadlines,
-            (exp - self.token_expiring_notice, next(self._seq), "notice", session, exp),
+            (exp - self.token_expiring_notice, next(self._seq), "notice", ref, exp),
         )
-        heapq.heappush(self._deadlines, (exp, next(self._seq), "expire", session, exp))
+        heapq.heappush(self._deadlines, (exp, next(self._seq), "expire", ref, exp))
+        if len(self._deadlines) > 4 * self.connection_count + 1024:
+            self._deadlines = [d for d in self._deadlines if _current(d[3], d[4])]
+            heapq.heapify(self._deadlines)
 
     def expire_due(self, now: float | None = None) -> None:
         """Act on every deadline that has come; the expiry loop calls this each second."""
         now = self._clock_s() if now is None else now
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, kind, session, exp = heapq.heappop(self._deadlines)
-            if session.closed or session.expires_at != exp:
-                continue  # closed, or refreshed since
+            _, _, kind, ref, exp = heapq.heappop(self._deadlines)
+            session = ref()
+            if session is None or not _current(ref, exp):
+                continue  # gone, closed, or refreshed since
             if kind == "expire":
                 session.close(Close.TOKEN_EXPIRED, "token expired")
             elif not session.expiry_notified:
@@ -476,6 +484,11 @@ class Hub:
             self.stats.backplane_error("presence")
         finally:
             self._refresh_pending.pop(user, None)
+
+
+def _current(ref: weakref.ref[Session], exp: int) -> bool:
+    session = ref()
+    return session is not None and not session.closed and session.expires_at == exp
 
 
 def new_node_id() -> str:

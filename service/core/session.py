@@ -41,6 +41,7 @@ class Session:
         "_closer",
         "_max_messages",
         "_max_bytes",
+        "__weakref__",
     )
 
     def __init__(
