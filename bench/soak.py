@@ -44,8 +44,8 @@ worker processes), read from ``/proc``: ``rss_before_kb`` once the cluster is re
 idle, ``rss_after_kb`` after every client has gone and the servers had 2 s to settle;
 ``rss_warm_kb`` after the first tenth of the run (warm-up) and ``rss_max_kb`` the largest
 sample, to tell allocation during warm-up from growth over time; ``rss_series_kb`` every
-sample (every 5 s) and ``growth_second_half_kb`` the growth from half-time to the end of
-the client phase, which is about zero once the servers have plateaued.
+sample (every 5 s) and ``growth_last_third_kb`` the growth over the last third of the
+client phase, which is about zero once the servers have levelled off.
 """
 
 from __future__ import annotations
@@ -493,12 +493,12 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 1)
 
 
-def _second_half_growth(series: list[tuple[float, int]]) -> int | None:
+def _last_third_growth(series: list[tuple[float, int]]) -> int | None:
     if len(series) < 3:
         return None
     end_t, end_kb = series[-1]
-    _, half_kb = min(series, key=lambda p: abs(p[0] - end_t / 2))
-    return end_kb - half_kb
+    _, mark_kb = min(series, key=lambda p: abs(p[0] - end_t * 2 / 3))
+    return end_kb - mark_kb
 
 
 async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
@@ -586,8 +586,8 @@ async def _run(cfg: SoakConfig, servers: list[ServerProcess]) -> dict[str, Any]:
         "growth_kb": rss_after - rss_before,
         "growth_since_warm_kb": rss_after - (rss_warm if rss_warm is not None else rss_after),
         "rss_median_kb": int(statistics.median(rss_samples)),
-        # under load: the last sample minus the one nearest half-time; a plateau gives ~0
-        "growth_second_half_kb": _second_half_growth(rss_series),
+        # under load: the last sample minus the one nearest 2/3 of the run; a plateau gives ~0
+        "growth_last_third_kb": _last_third_growth(rss_series),
         "rss_series_kb": rss_series,
         "rss_by_process_kb": {
             key: {"before": by_process_before.get(key), "after": by_process_after.get(key)}
