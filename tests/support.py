@@ -264,3 +264,41 @@ async def connect(url: str, user: str, device: str, **kw: Any) -> Client:
     welcome = json.loads(await ws.recv())
     assert welcome["type"] == "welcome", welcome
     return Client(ws, welcome)
+
+
+def uid(prefix: str) -> str:
+    """A user/room name no other test uses (servers and Redis are shared by a module)."""
+    import uuid
+
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Conns:
+    """Opens clients and closes every one of them at the end of the test (the ``conns``
+    fixture of tests/e2e/conftest.py)."""
+
+    def __init__(self) -> None:
+        self.opened: list[Any] = []
+
+    async def open(self, server: ServerProcess, user: str, device: str = "d1",
+                   **kw: Any) -> Client:
+        client = await connect(server.ws_url, user, device, **kw)
+        self.opened.append(client.ws)
+        return client
+
+    def track(self, ws: Any) -> Any:
+        self.opened.append(ws)
+        return ws
+
+    async def close_all(self) -> None:
+        import asyncio
+
+        async def close(ws: Any) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 3)
+
+        await asyncio.gather(*(close(ws) for ws in self.opened))

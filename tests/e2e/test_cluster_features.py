@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -25,7 +24,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +35,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import (
     Client,
+    Conns,
     RedisServer,
     ServerProcess,
-    connect,
+    now_ms,
     server_env,
     start_server,
     token,
+    uid,
 )
 
 pytestmark = pytest.mark.e2e
@@ -110,47 +111,6 @@ def clusters(redis_server: RedisServer) -> Iterator[Clusters]:
 @pytest.fixture
 def pair(clusters: Clusters) -> tuple[ServerProcess, ServerProcess]:
     return clusters.main[0], clusters.main[1]
-
-
-class Conns:
-    """Opens clients and closes every one of them at the end of the test."""
-
-    def __init__(self) -> None:
-        self.opened: list[Any] = []
-
-    async def open(self, server: ServerProcess, user: str, device: str, **kw: Any) -> Client:
-        client = await connect(server.ws_url, user, device, **kw)
-        self.opened.append(client.ws)
-        return client
-
-    def track(self, ws: Any) -> Any:
-        self.opened.append(ws)
-        return ws
-
-    async def close_all(self) -> None:
-        for ws in self.opened:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3)
-
-
-@pytest.fixture
-async def conns() -> AsyncIterator[Conns]:
-    c = Conns()
-    try:
-        yield c
-    finally:
-        await c.close_all()
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def member(user: str, device: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import (
     Client,
+    Conns,
     RedisServer,
     ServerProcess,
     connect,
@@ -38,6 +39,7 @@ from tests.support import (
     start_redis,
     start_server,
     token,
+    uid,
 )
 
 pytestmark = pytest.mark.e2e
@@ -45,8 +47,7 @@ pytestmark = pytest.mark.e2e
 FAST = "100000/second"  # rate limit out of the way: these tests are about other limits
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
 
 
 @contextlib.asynccontextmanager
@@ -56,32 +57,6 @@ async def server_running(env: dict[str, str], **kw: Any) -> AsyncIterator[Server
         yield server
     finally:
         await asyncio.to_thread(server.stop)
-
-
-class Conns:
-    """Clients opened by a test, all closed at its end."""
-
-    def __init__(self) -> None:
-        self.opened: list[Any] = []
-
-    async def open(self, server: ServerProcess, user: str, device: str = "d1") -> Client:
-        client = await connect(server.ws_url, user, device)
-        self.opened.append(client.ws)
-        return client
-
-    async def close_all(self) -> None:
-        for ws in self.opened:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3)
-
-
-@pytest.fixture
-async def conns() -> AsyncIterator[Conns]:
-    c = Conns()
-    try:
-        yield c
-    finally:
-        await c.close_all()
 
 
 async def reply_to(client: Client, msg_id: str, timeout: float) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import json
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,13 +38,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import (
     Client,
+    Conns,
     RedisServer,
     ServerProcess,
     connect,
+    now_ms,
     server_env,
     start_redis,
     start_server,
     token,
+    uid,
 )
 
 pytestmark = pytest.mark.e2e
@@ -128,14 +130,10 @@ def servers() -> Iterator[Servers]:
         redis.stop()
 
 
-class Conns:
-    """Opens clients (checking ``resumed``/``missed`` in every welcome) and closes every one
-    of them at the end of the test."""
+class ResumeConns(Conns):
+    """Conns that check ``resumed``/``missed`` in every welcome."""
 
-    def __init__(self) -> None:
-        self.opened: list[Any] = []
-
-    async def open(
+    async def open(  # type: ignore[override]
         self,
         server: ServerProcess,
         user: str,
@@ -157,17 +155,9 @@ class Conns:
         )
         return client
 
-    async def close_all(self) -> None:
-        async def close(ws: Any) -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3)
-
-        await asyncio.gather(*(close(ws) for ws in self.opened))
-
-
 @pytest.fixture
-async def conns() -> AsyncIterator[Conns]:
-    c = Conns()
+async def conns() -> AsyncIterator[ResumeConns]:
+    c = ResumeConns()
     try:
         yield c
     finally:
@@ -175,14 +165,6 @@ async def conns() -> AsyncIterator[Conns]:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def member(user: str, device: str) -> dict[str, str]:

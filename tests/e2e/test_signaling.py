@@ -14,9 +14,8 @@ import base64
 import contextlib
 import json
 import time
-import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,13 +28,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from tests.support import (
     SECRET,
     Client,
+    Conns,
     RedisServer,
     ServerProcess,
-    connect,
     http_get,
+    now_ms,
     server_env,
     start_server,
     token,
+    uid,
 )
 
 pytestmark = pytest.mark.e2e
@@ -96,44 +97,6 @@ def cluster(redis_server: RedisServer) -> Iterator[Pair]:
     )
     with _pair(env) as pair:
         yield pair
-
-
-class Conns:
-    """Opens clients and closes every one of them at the end of the test."""
-
-    def __init__(self) -> None:
-        self.opened: list[Any] = []
-
-    async def open(self, server: ServerProcess, user: str, device: str, **kw: Any) -> Client:
-        client = await connect(server.ws_url, user, device, **kw)
-        self.opened.append(client.ws)
-        return client
-
-    def track(self, ws: Any) -> Any:
-        self.opened.append(ws)
-        return ws
-
-    async def close_all(self) -> None:
-        for ws in self.opened:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(), 3)
-
-
-@pytest.fixture
-async def conns() -> AsyncIterator[Conns]:
-    c = Conns()
-    try:
-        yield c
-    finally:
-        await c.close_all()
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def recv_raw(client: Client, timeout: float = 5.0) -> str:
