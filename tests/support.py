@@ -302,3 +302,32 @@ class Conns:
                 await asyncio.wait_for(ws.close(), 3)
 
         await asyncio.gather(*(close(ws) for ws in self.opened))
+
+
+async def closed_code(client: Client, timeout: float = 5.0) -> int | None:
+    """Read (and drop) frames until the server closes the socket; the close code it sent
+    (None when it sent no close frame)."""
+    import asyncio
+
+    from websockets.exceptions import ConnectionClosed
+
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            await asyncio.wait_for(client.ws.recv(), max(deadline - time.monotonic(), 0.01))
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd is not None else None
+
+
+async def frames_for(client: Client, seconds: float) -> list[dict[str, Any]]:
+    """Every frame that arrives within ``seconds``."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while True:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            return out
+        try:
+            out.append(await client.recv(left_s))
+        except TimeoutError:
+            return out

@@ -38,6 +38,8 @@ from tests.support import (
     Conns,
     RedisServer,
     ServerProcess,
+    closed_code,
+    frames_for,
     now_ms,
     server_env,
     start_server,
@@ -157,30 +159,6 @@ async def recv_raw(client: Client, timeout: float = 5.0) -> str:
     raw = await asyncio.wait_for(client.ws.recv(), timeout)
     assert isinstance(raw, str), f"server sent a binary frame: {raw!r}"
     return raw
-
-
-async def closed_code(client: Client, timeout: float = 5.0) -> int | None:
-    """Read (and drop) frames until the server closes the socket; the close code it sent."""
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), max(deadline - time.monotonic(), 0.01))
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd is not None else None
-
-
-async def frames_for(client: Client, seconds: float) -> list[dict[str, Any]]:
-    """Every frame that arrives within ``seconds``."""
-    out: list[dict[str, Any]] = []
-    deadline = time.monotonic() + seconds
-    while True:
-        left_s = deadline - time.monotonic()
-        if left_s <= 0:
-            return out
-        try:
-            out.append(await client.recv(left_s))
-        except TimeoutError:
-            return out
 
 
 async def collect(client: Client, count: int, timeout: float) -> list[dict[str, Any]]:

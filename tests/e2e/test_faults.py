@@ -33,6 +33,7 @@ from tests.support import (
     Conns,
     RedisServer,
     ServerProcess,
+    closed_code,
     connect,
     http_get,
     server_env,
@@ -80,17 +81,6 @@ async def offer_round_trip(src: Client, dst: Client, msg_id: str, timeout: float
     assert got["type"] == "offer" and got["id"] == msg_id, got
     assert got["payload"] == payload, got
     assert got["from"] == src.welcome["user_id"], got
-
-
-async def closed_code(client: Client, timeout: float = 5.0) -> int | None:
-    """Read until the server closes the socket; the close code it sent (None: no frame)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), max(deadline - loop.time(), 0.01))
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd is not None else None
 
 
 # ---------------------------------------------------------------------- slow consumer

@@ -41,7 +41,9 @@ from tests.support import (
     Conns,
     RedisServer,
     ServerProcess,
+    closed_code,
     connect,
+    frames_for,
     now_ms,
     server_env,
     start_redis,
@@ -208,30 +210,6 @@ def assert_error(msg: dict[str, Any], code: str, msg_id: str | None = None, **ex
         assert msg["id"] == msg_id, msg
     for k, value in extra.items():
         assert msg[k] == value, msg
-
-
-async def closed_code(client: Client, timeout: float = 5.0) -> int | None:
-    """Read (and drop) frames until the server closes the socket; the close code it sent."""
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), max(deadline - time.monotonic(), 0.01))
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd is not None else None
-
-
-async def frames_for(client: Client, seconds: float) -> list[dict[str, Any]]:
-    """Every frame that arrives within ``seconds``."""
-    out: list[dict[str, Any]] = []
-    deadline = time.monotonic() + seconds
-    while True:
-        left_s = deadline - time.monotonic()
-        if left_s <= 0:
-            return out
-        try:
-            out.append(await client.recv(left_s))
-        except TimeoutError:
-            return out
 
 
 async def collect(client: Client, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:

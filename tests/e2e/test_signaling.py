@@ -23,7 +23,7 @@ from typing import Any
 import jwt
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from tests.support import (
     SECRET,
@@ -31,6 +31,7 @@ from tests.support import (
     Conns,
     RedisServer,
     ServerProcess,
+    closed_code,
     http_get,
     now_ms,
     server_env,
@@ -103,16 +104,6 @@ async def recv_raw(client: Client, timeout: float = 5.0) -> str:
     raw = await asyncio.wait_for(client.ws.recv(), timeout)
     assert isinstance(raw, str), f"server sent a binary frame: {raw!r}"
     return raw
-
-
-async def closed_code(client: Client, timeout: float = 5.0) -> int | None:
-    """Read until the server closes the socket; the close code it sent."""
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            await asyncio.wait_for(client.ws.recv(), max(deadline - time.monotonic(), 0.01))
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd is not None else None
 
 
 async def rejected(url: str, **kw: Any) -> tuple[int, dict[str, Any], Any]:
