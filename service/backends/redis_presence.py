@@ -223,11 +223,11 @@ class RedisPresence:
         previous = Location.decode(_s(prev)) if prev else None
         return Claim(bool(ok), previous, bool(resumed))
 
-    async def release(self, user: str, device: str, loc: Location) -> None:
-        await self._release(
+    async def release(self, user: str, device: str, loc: Location) -> bool:
+        return bool(await self._release(
             keys=[keys.devices(user), keys.device_rooms(user, device), keys.kept(user, device)],
             args=[device, loc.encode()],
-        )
+        ))
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         return bool(

@@ -76,8 +76,9 @@ class Presence(Protocol):
         """Register ``device`` at ``loc`` unless the user already has ``max_devices`` other
         live devices; atomic across the cluster."""
 
-    async def release(self, user: str, device: str, loc: Location) -> None:
-        """Remove the registration if it still names ``loc`` (a newer one is left alone)."""
+    async def release(self, user: str, device: str, loc: Location) -> bool:
+        """Remove the registration if it still names ``loc`` (a newer one is left alone);
+        False when it did not (taken over, parked or gone)."""
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         """Live devices of each user (users with none map to ``{}``)."""

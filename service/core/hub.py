@@ -250,9 +250,17 @@ class Hub:
             for room in list(session.rooms):
                 self._forget_local(session, room)
             return
-        for room in list(session.rooms):
-            await self.leave(session, room)
-        await self.presence.release(session.user_id, session.device_id, session.location)
+        if session.close_code == Close.REPLACED and not await self.presence.release(
+            session.user_id, session.device_id, session.location
+        ):
+            # taken over: the newer connection leaves these rooms for it (``_evict``) before
+            # it joins any; a ``left`` sent from here could reach a peer after its ``joined``
+            for room in list(session.rooms):
+                self._forget_local(session, room)
+        else:
+            for room in list(session.rooms):
+                await self.leave(session, room)
+            await self.presence.release(session.user_id, session.device_id, session.location)
         await self.notify_presence(session.user_id)
 
     def local(self, user: str, device: str) -> Session | None:

@@ -84,14 +84,16 @@ class MemoryPresence:
         devs[device] = loc
         return Claim(True, prev, resumed)
 
-    async def release(self, user: str, device: str, loc: Location) -> None:
+    async def release(self, user: str, device: str, loc: Location) -> bool:
         devs = self.cluster.devices.get(user)
-        if devs is not None and devs.get(device) == loc:
-            del devs[device]
-            if not devs:
-                del self.cluster.devices[user]
-            self.cluster.device_rooms.pop((user, device), None)
-            self.cluster.kept.pop((user, device), None)
+        if devs is None or devs.get(device) != loc:
+            return False
+        del devs[device]
+        if not devs:
+            del self.cluster.devices[user]
+        self.cluster.device_rooms.pop((user, device), None)
+        self.cluster.kept.pop((user, device), None)
+        return True
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         c = self.cluster

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from tests.core.conftest import Node, frames, settle
@@ -101,3 +102,43 @@ async def test_takeover_leaves_rooms_before_the_new_connection_joins(make_node):
     await settle()
     assert frames(peer) == []
     assert ("u", "d") in await b.hub.presence.members("r")
+
+
+async def test_replaced_connection_leaves_its_rooms_to_the_new_one(make_node):
+    """The old connection's cleanup may run before the takeover's eviction (kick answered,
+    socket closing): it must not send ``left`` itself, since that could overtake the new
+    connection's ``joined`` on the way to a peer on another worker."""
+    a, b = await make_node("A"), await make_node("B")
+    old = await a.connect("u", "d")
+    peer = await b.connect("p", "p1")
+    await a.send(old, type="subscribe", room="r")
+    await b.send(peer, type="subscribe", room="r")
+    frames(peer)
+    new = Node.session(b, "u", "d")
+    connecting = asyncio.create_task(b.hub.connect(new, welcome))
+    while not old.closed:  # the kick reaches worker A
+        await asyncio.sleep(0)
+    assert old.close_code == 4009
+    await a.hub.disconnect(old)  # ... whose cleanup runs before B's eviction
+    await settle()
+    assert frames(peer) == []
+    assert ("u", "d") in await b.hub.presence.members("r")  # left for the evictor
+    assert await connecting is False
+    await b.send(new, type="subscribe", room="r")
+    await settle()
+    assert [(f["type"], f["user_id"]) for f in frames(peer)] == [("left", "u"), ("joined", "u")]
+
+
+async def test_closed_as_replaced_but_not_taken_over_still_leaves(make_node):
+    """Without a newer claim on the device, the cleanup leaves the rooms itself."""
+    a = await make_node("A")
+    old = await a.connect("u", "d")
+    peer = await a.connect("p", "p1")
+    await a.send(old, type="subscribe", room="r")
+    await a.send(peer, type="subscribe", room="r")
+    frames(peer)
+    old.close(4009, "replaced")
+    await a.hub.disconnect(old)
+    await settle()
+    assert [(f["type"], f["user_id"]) for f in frames(peer)] == [("left", "u")]
+    assert ("u", "d") not in await a.hub.presence.members("r")
