@@ -87,3 +87,25 @@ MINUTES ?= 2
 .PHONY: soak
 soak: install redis-server
 	$(BIN)/python -m bench.soak --clients $(CLIENTS) --minutes $(MINUTES) $(SOAK_ARGS)
+
+## bench: the benchmark suite — our server against PeerJS and socket.io (bench/README.md);
+## results in bench/results/<timestamp>/.  bench-quick: a short run; bench-100k: scenario 5
+BENCH_ARGS ?=
+.PHONY: bench bench-quick bench-100k bench-deps
+$(BIN)/.bench-installed: pyproject.toml $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[bench]"
+	touch $@
+
+bench-deps: install redis-server $(BIN)/.bench-installed
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "bench needs node and npm (apt-get install nodejs npm)"; exit 1; }
+	cd bench/peers && npm ci --no-audit --no-fund --loglevel=error
+
+bench: bench-deps
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
+
+bench-100k: install redis-server $(BIN)/.bench-installed
+	$(BIN)/python -m bench.run --100k $(BENCH_ARGS)

@@ -1,0 +1,32 @@
+"""Smoke test of the benchmark load generator (bench/loadgen.py): ~20 picows connections
+against one real server process on the in-process backplane for ~2 s; every message sent
+must arrive.  No npm, no peers."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("picows")
+
+from bench.loadgen import LoadGen  # noqa: E402
+from tests.support import SECRET, running, server_env  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+def test_loadgen_relays_without_loss() -> None:
+    env = server_env(None, RATE_LIMIT="1000000/second")
+    with running(env, extra_args=["--no-access-logs"]) as server:
+        gen = LoadGen("signaling", [("127.0.0.1", server.port)], 20, procs=2, secret=SECRET)
+        with gen:
+            c = gen.connect()
+            assert c["connected"] == 20, c
+            st = gen.run("closed", warmup=0.3, duration=2.0, window=2, drain=5.0)
+            status = gen.status()
+    assert st.delivered > 0
+    assert st.lost == 0, (st.sent, st.delivered, st.errors)
+    assert st.acks == st.sent
+    assert not st.errors
+    assert st.out_of_order == 0
+    assert st.percentile_ms(50) is not None
+    assert status["dropped"] == 0
