@@ -142,10 +142,10 @@ class Worker:
                             _factory(c),
                             c.url(),
                             local_addr=(c.src, 0),
-                            websocket_handshake_timeout=30,
+                            websocket_handshake_timeout=60,
                             enable_auto_pong=True,
                         )
-                        await asyncio.wait_for(c.ready, 30)
+                        await asyncio.wait_for(c.ready, 60)
                         return True
                     except Exception as exc:
                         self.connect_errors[_err_name(exc)] += 1
