@@ -1,13 +1,14 @@
 """One connection: who it is and its bounded outgoing queue.
 
 The edge owns the socket: it gives the session a ``closer`` (called at most once with a
-close code and reason) and drains ``outbox`` whenever ``ready`` is set.  Nothing in the
-core ever awaits a client: a full queue closes the connection (1008 slow consumer).
+close code and reason) and an ``on_ready`` hook, called when the outbox stops being empty
+and when the session closes; the edge then drains ``outbox`` (once per loop tick, however
+many frames arrived).  Nothing in the core ever awaits a client: a full queue closes the
+connection (1008 slow consumer).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ class Session:
         "location",
         "outbox",
         "outbox_bytes",
-        "ready",
+        "on_ready",
         "closed",
         "close_code",
         "close_reason",
@@ -58,7 +59,8 @@ class Session:
         self.location = location
         self.outbox: deque[bytes] = deque()
         self.outbox_bytes = 0
-        self.ready = asyncio.Event()
+        # the edge's flush hook (see the module docstring); None: frames just queue up
+        self.on_ready: Callable[[Session], None] | None = None
         self.closed = False
         self.close_code: int | None = None
         self.close_reason = ""
@@ -83,6 +85,11 @@ class Session:
         return (self.user_id, self.device_id)
 
     @property
+    def max_bytes(self) -> int:
+        """The outbox bound in bytes (the edge applies it to its socket buffer too)."""
+        return self._max_bytes
+
+    @property
     def expires_at(self) -> int:
         return self.identity.expires_at
 
@@ -98,9 +105,10 @@ class Session:
         ):
             self.close(Close.POLICY, "slow consumer")
             return False
+        if not self.outbox and self.on_ready is not None:
+            self.on_ready(self)
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
-        self.ready.set()
         return True
 
     def release_held(self) -> None:
@@ -117,11 +125,10 @@ class Session:
         self.held = held
 
     def take(self) -> list[bytes]:
-        """Everything queued, oldest first; the edge's writer calls this after ``ready``."""
+        """Everything queued, oldest first (the edge's flush)."""
         frames = list(self.outbox)
         self.outbox.clear()
         self.outbox_bytes = 0
-        self.ready.clear()
         return frames
 
     def close(self, code: int, reason: str = "") -> None:
@@ -131,5 +138,6 @@ class Session:
         self.closed = True
         self.close_code = code
         self.close_reason = reason
-        self.ready.set()
         self._closer(code, reason)
+        if self.on_ready is not None:
+            self.on_ready(self)
