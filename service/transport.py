@@ -363,14 +363,26 @@ def _resumable(ws: Any, session: Session) -> bool:
 
 async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
     router = rt.router
+    admit = rt.limiter.admit
+    user = session.user_id
     while not session.closed:
         batch = await ws.next_messages()
         if not batch:
             return  # closed by the peer, by us, or by the network
-        for is_text, data in batch:
+        # every message of the batch asks the limiter at once: one Redis pipeline per tick
+        admissions = [admit(user) for _ in batch]
+        for i, ((is_text, data), admission) in enumerate(zip(batch, admissions, strict=True)):
             if session.closed:
+                for rest in admissions[i:]:
+                    if isinstance(rest, asyncio.Future):
+                        rest.add_done_callback(_ignore_outcome)
                 return
             if is_text:
-                await router.handle(session, data)
+                await router.handle(session, data, admission, counted=True)
             else:
-                await router.handle_binary(session)
+                await router.handle_binary(session, admission, counted=True)
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: asyncio does not log it as lost

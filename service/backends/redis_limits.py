@@ -1,16 +1,131 @@
-"""The cluster-wide rate limiter: ``limits`` on Redis with the redis-py implementation,
-sharing the service's connection pool."""
+"""The cluster-wide rate limiter: ``limits``' moving window on Redis (redis-py
+implementation, sharing the service's connection pool), with every message of one loop tick
+counted in one pipeline.
+
+Per tick, each user with ``n`` messages costs one run of ``limits``' own acquire script with
+``amount = n`` (all-or-nothing, atomic in Redis, so two workers never both get the last
+slot).  When that fails, the few messages that still fit are found with ``limits``' window
+stats and acquired one by one; the rest are refused with the time until the window frees a
+slot.  Counting stays exact and cluster-wide; no message waits for more than one pipeline.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
+from limits import parse
 from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
-from ..core.ratelimit import LimitsRateLimiter
+from ..core.ratelimit import Admission
 from .keys import LIMITS_PREFIX
 
+Waiter = asyncio.Future[float | None]
 
-def redis_rate_limiter(url: str, redis: Redis, rate: str) -> LimitsRateLimiter:
+
+class RedisLimiter:
+    def __init__(self, storage: RedisStorage, redis: Redis, rate: str) -> None:
+        """``storage`` must be ``limits``' redis-py storage on the same server as ``redis``
+        (whose pipelines carry the batched calls)."""
+        self._storage = storage
+        self._redis = redis
+        self._item = parse(rate)
+        self._strategy = MovingWindowRateLimiter(storage)
+        self._pending: dict[str, list[Waiter]] = {}
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def limit(self) -> int:
+        return int(self._item.amount)
+
+    @property
+    def period_s(self) -> int:
+        return int(self._item.get_expiry())
+
+    def admit(self, user: str) -> Admission:
+        fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            fut.set_exception(ConnectionError("rate limiter closed"))
+            return fut
+        if not self._pending:
+            task = asyncio.ensure_future(self._flush())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        self._pending.setdefault(user, []).append(fut)
+        return fut
+
+    async def hit(self, user: str) -> float | None:
+        return await self.admit(user)  # type: ignore[misc]
+
+    def _key(self, user: str) -> str:
+        # limits' own key and script (pinned limits 5.x), so its strategy sees the same window
+        return str(self._storage.bridge.prefixed_key(self._item.key_for("u", user)))
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the rest of this tick's messages join the batch
+        batch, self._pending = self._pending, {}
+        try:
+            acquired = await self._acquire_many(batch)
+        except Exception as exc:
+            for futs in batch.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            return
+        for (user, futs), ok in zip(batch.items(), acquired, strict=True):
+            if ok:
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_result(None)
+            else:
+                await self._partial(user, futs)
+
+    async def _acquire_many(self, batch: dict[str, list[Waiter]]) -> list[Any]:
+        """One pipeline: limits' acquire script once per user, with the user's count."""
+        bridge: Any = self._storage.bridge  # RedispyBridge
+        script = bridge.lua_acquire_moving_window
+        now = time.time()
+        expiry, limit = self._item.get_expiry(), self._item.amount
+        pipe = self._redis.pipeline(transaction=False)
+        for user, futs in batch.items():
+            await script(keys=[self._key(user)], args=[now, limit, expiry, len(futs)], client=pipe)
+        return list(await pipe.execute())
+
+    async def _partial(self, user: str, futs: list[Waiter]) -> None:
+        """Not all of a user's messages of this tick fit: admit those that do, in order."""
+        try:
+            allowed = 0
+            for _ in futs:
+                if not await self._strategy.hit(self._item, "u", user):
+                    break
+                allowed += 1
+            stats = await self._strategy.get_window_stats(self._item, "u", user)
+            retry = max(0.001, stats.reset_time - time.time())
+        except Exception as exc:
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for i, fut in enumerate(futs):
+            if not fut.done():
+                fut.set_result(None if i < allowed else retry)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._flushing):
+            task.cancel()
+        closer = getattr(self._storage, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+def redis_rate_limiter(url: str, redis: Redis, rate: str) -> RedisLimiter:
     scheme, rest = url.split("://", 1)
     storage = RedisStorage(
         f"async+{scheme}://{rest}",
@@ -18,4 +133,4 @@ def redis_rate_limiter(url: str, redis: Redis, rate: str) -> LimitsRateLimiter:
         key_prefix=LIMITS_PREFIX,
         connection_pool=redis.connection_pool,  # type: ignore[arg-type]
     )
-    return LimitsRateLimiter(storage, rate)
+    return RedisLimiter(storage, redis, rate)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from .ratelimit import Admission
 
 Member = tuple[str, str]
 """(user_id, device_id) of a room member."""
@@ -174,8 +177,12 @@ class RateLimiter(Protocol):
     @property
     def period_s(self) -> int: ...
 
+    def admit(self, user: str) -> Admission:
+        """Count one message; None when allowed, else seconds until one would be — or a
+        future of that (settled within the loop tick's batch)."""
+
     async def hit(self, user: str) -> float | None:
-        """Count one message; None when allowed, else seconds until one would be."""
+        """``admit``, awaited."""
 
     async def close(self) -> None: ...
 

@@ -10,10 +10,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from limits.aio.storage import MemoryStorage
-
 from .contracts import PARKED, Claim, Envelope, EnvelopeSink, Location, Member
-from .ratelimit import LimitsRateLimiter
+from .ratelimit import WindowLimiter
 
 K = TypeVar("K", str, Member)
 LIVE, RESUMABLE, DEAD = 2, 1, 0
@@ -250,5 +248,5 @@ class MemoryBackplane:
             self.node = None
 
 
-def memory_rate_limiter(rate: str) -> LimitsRateLimiter:
-    return LimitsRateLimiter(MemoryStorage(), rate)
+def memory_rate_limiter(rate: str) -> WindowLimiter:
+    return WindowLimiter(rate)

@@ -1,44 +1,79 @@
-"""The per-user budget of PROTOCOL.md §7 on any ``limits`` async storage: memory for one
-instance, Redis (``service.backends.redis_limits``) for a cluster."""
+"""The per-user budget of PROTOCOL.md §7: at most ``limit`` client messages per user in any
+``period`` (a moving window), whatever their type or device.
+
+``WindowLimiter`` counts in process memory (one instance); ``service.backends.redis_limits``
+counts cluster-wide in Redis with ``limits``.  Both answer ``admit(user)`` with an
+``Admission``: None (allowed), the seconds until a message would be allowed, or a future of
+either (the Redis limiter answers every message of one loop tick with one pipeline).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Callable
+from typing import Union
 
 from limits import parse
-from limits.aio.strategies import MovingWindowRateLimiter
+
+Admission = Union[float, None, "asyncio.Future[float | None]"]
 
 
-class LimitsRateLimiter:
-    """Moving window over every message of a user, whatever its type or device."""
+def parse_rate(rate: str) -> tuple[int, int]:
+    """``"100/second"`` → (100, 1): the limit and the period in seconds."""
+    item = parse(rate)
+    return int(item.amount), int(item.get_expiry())
 
-    def __init__(self, storage: Any, rate: str) -> None:
-        self._storage = storage
-        self._item = parse(rate)
-        self._strategy = MovingWindowRateLimiter(storage)
-        self._closed = False
 
-    @property
-    def limit(self) -> int:
-        return int(self._item.amount)
+async def resolve(admission: Admission) -> float | None:
+    """The outcome of an admission (raises what the limiter's storage raised)."""
+    if isinstance(admission, asyncio.Future):
+        return await admission
+    return admission
 
-    @property
-    def period_s(self) -> int:
-        return int(self._item.get_expiry())
+
+class WindowLimiter:
+    """An exact moving window per user, in memory: one deque of (time slot, count) per
+    active user, slots of 1/1000 of the period, so a user costs at most 1,000 entries
+    whatever the limit.  Users idle for a whole period are forgotten."""
+
+    def __init__(self, rate: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.period_s = parse_rate(rate)
+        self._slot = self.period_s / 1000
+        self._clock = clock
+        self._users: dict[str, tuple[deque[list[float]], list[int]]] = {}
+        self._next_sweep = clock() + self.period_s
+
+    def admit(self, user: str) -> Admission:
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        entry = self._users.get(user)
+        if entry is None:
+            entry = self._users[user] = (deque(), [0])
+        slots, total = entry
+        horizon = now - self.period_s
+        while slots and slots[0][0] <= horizon:
+            total[0] -= int(slots.popleft()[1])
+        if total[0] >= self.limit:
+            return max(0.001, slots[0][0] - horizon)
+        slot = now - now % self._slot
+        if slots and slots[-1][0] == slot:
+            slots[-1][1] += 1
+        else:
+            slots.append([slot, 1])
+        total[0] += 1
+        return None
 
     async def hit(self, user: str) -> float | None:
-        if await self._strategy.hit(self._item, "u", user):
-            return None
-        stats = await self._strategy.get_window_stats(self._item, "u", user)
-        return max(0.001, stats.reset_time - time.time())
+        return await resolve(self.admit(user))
+
+    def _sweep(self, now: float) -> None:
+        horizon = now - self.period_s
+        for user in [u for u, (s, _) in self._users.items() if not s or s[-1][0] <= horizon]:
+            del self._users[user]
+        self._next_sweep = now + self.period_s
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        closer = getattr(self._storage, "aclose", None) or getattr(self._storage, "close", None)
-        if closer is not None:
-            res = closer()
-            if hasattr(res, "__await__"):
-                await res
+        self._users.clear()

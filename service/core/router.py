@@ -35,6 +35,7 @@ from ..protocol import (
 )
 from .contracts import PARKED, Envelope, Location, RateLimiter
 from .hub import Hub
+from .ratelimit import Admission, resolve
 from .session import Session
 
 if TYPE_CHECKING:
@@ -75,8 +76,13 @@ class Router:
 
     # ------------------------------------------------------------------ entry points
 
-    async def handle(self, session: Session, frame: str | bytes) -> None:
-        """Handle one text frame of ``session``; errors become ``error`` frames."""
+    async def handle(
+        self, session: Session, frame: str | bytes, admission: Admission = None,
+        counted: bool = False,
+    ) -> None:
+        """Handle one text frame of ``session``; errors become ``error`` frames.  A caller
+        that read several frames at once may ask the limiter for all of them first
+        (``admission`` from ``limiter.admit``, ``counted=True``): one batch, same order."""
         msg: Message | None = None
         err: ProtocolError | None = None
         try:
@@ -86,7 +92,7 @@ class Router:
         kind = msg.type if msg is not None else "invalid"
         self.stats.received(kind)
         msg_id = msg.id if msg is not None else (err.msg_id if err else None)
-        if not await self._admit(session, msg_id):
+        if not await self._admit(session, msg_id, admission, counted):
             return
         try:
             if err is not None:
@@ -106,18 +112,27 @@ class Router:
                 ),
             )
 
-    async def handle_binary(self, session: Session) -> None:
+    async def handle_binary(
+        self, session: Session, admission: Admission = None, counted: bool = False
+    ) -> None:
         """A binary frame: counted like any message, answered with ``bad_frame``."""
         self.stats.received("binary")
-        if await self._admit(session, None):
+        if await self._admit(session, None, admission, counted):
             self._error(session, ProtocolError(Code.BAD_FRAME, "binary frames are not accepted"))
 
     # ------------------------------------------------------------------ rules
 
-    async def _admit(self, session: Session, msg_id: str | None) -> bool:
-        """The per-user budget (§7).  Sustained abuse closes the connection with 1008."""
+    async def _admit(
+        self,
+        session: Session,
+        msg_id: str | None,
+        admission: Admission = None,
+        counted: bool = False,
+    ) -> bool:
+        """The per-user budget (§7); ``admission`` is the limiter's answer when the caller
+        asked already (``counted``).  Sustained abuse closes the connection with 1008."""
         try:
-            retry = await self.limiter.hit(session.user_id)
+            retry = await resolve(admission if counted else self.limiter.admit(session.user_id))
         except Exception as exc:
             # Fail open: a signaling outage hurts users more than a brief unmetered window;
             # the per-connection outbox and frame-size bounds still hold.
