@@ -159,7 +159,20 @@ class Worker:
                 await asyncio.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
             return False
 
-        ok = await asyncio.gather(*(one(c) for c in self.conns))
+        tasks = [asyncio.ensure_future(one(c)) for c in self.conns]
+        limit = cmd.get("deadline")
+        _done, pending = await asyncio.wait(tasks, timeout=float(limit) if limit else None)
+        for t in pending:  # out of time: give up on the rest
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            self.connect_errors["gave_up_at_deadline"] += len(pending)
+            for c in self.conns:
+                if not c.open and c.transport is not None:
+                    c.closing = True
+                    with contextlib.suppress(Exception):
+                        c.transport.disconnect()
+        ok = [c.open for c in self.conns]
         if self.proto == "peerjs":
             self._bg.append(asyncio.create_task(self._heartbeats()))
         return {
@@ -630,8 +643,11 @@ class LoadGen:
             out.append(res)
         return out
 
-    def connect(self, concurrency: int = 64) -> dict[str, Any]:
-        res = self.call({"op": "connect", "concurrency": concurrency})
+    def connect(self, concurrency: int = 64, deadline: float | None = None) -> dict[str, Any]:
+        """Open every connection; with ``deadline`` (seconds) give up on those not open by
+        then (they count as failed)."""
+        res = self.call({"op": "connect", "concurrency": concurrency, "deadline": deadline},
+                        timeout=(deadline or 3000) + 120)
         errors: Counter[str] = Counter()
         for r in res:
             errors.update(r["connect_errors"])

@@ -278,7 +278,7 @@ class Bench:
             gen = LoadGen("signaling", srv.targets, n, procs=a.hold_procs,
                           src_addrs=a.hold_addrs, secret=secret())
             gen.start()
-            c = gen.connect(concurrency=32)
+            c = gen.connect(concurrency=32, deadline=a.hold_connect_s)
             row.update(connected=c["connected"], connect_failed=c["failed"],
                        connect_s=round(c["seconds"], 1), connect_errors=c["connect_errors"])
             log(f"  connected {c['connected']} in {c['seconds']:.0f} s, failed {c['failed']} "
@@ -357,6 +357,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hold-procs", type=int, default=8)
     ap.add_argument("--hold-addrs", type=int, default=8)
     ap.add_argument("--hold-idle", type=float, default=30.0)
+    ap.add_argument("--hold-connect-s", type=float, default=600.0,
+                    help="scenario 5: stop connecting after this long and hold what is open")
     ap.add_argument("--presence-sample", type=int, default=200)
     ap.add_argument("--out", help="results directory (default bench/results/<timestamp>)")
     a = ap.parse_args(argv)

@@ -201,6 +201,7 @@ async def _worker_stop(app: Sanic) -> None:
     rt: Runtime | None = getattr(app.ctx, "runtime", None)
     if rt is not None:
         await rt.close()
+    metrics.flush()
     metrics.worker_exited()
 
 

@@ -5,6 +5,7 @@ PROMETHEUS_MULTIPROC_DIR and the collector merges them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from prometheus_client import (
@@ -53,11 +54,60 @@ _TYPES = KNOWN_TYPES | {"invalid", "binary"}
 _RECEIVED_BY_TYPE = {t: RECEIVED.labels(t) for t in _TYPES}
 
 
+# The per-message counters are summed in plain ints and written to the (multiprocess, mmap)
+# metrics once per FLUSH_S: a Prometheus write costs more than routing a message does.
+FLUSH_S = 0.5
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.received: dict[str, int] = {}
+        self.sent = 0
+        self.latencies: list[float] = []
+        self.scheduled = False
+
+    def schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+            except RuntimeError:  # no loop (a synchronous caller): write at once
+                self.flush()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        received, self.received = self.received, {}
+        for kind, n in received.items():
+            _RECEIVED_BY_TYPE.get(kind, _RECEIVED_BY_TYPE["invalid"]).inc(n)
+        if self.sent:
+            SENT.inc(self.sent)
+            self.sent = 0
+        latencies, self.latencies = self.latencies, []
+        for value in latencies:
+            LATENCY.observe(value)
+
+
+_BATCH = _Batch()
+
+
+def count_sent(frames: int) -> None:
+    """Frames written to clients (batched like the core's counters)."""
+    _BATCH.sent += frames
+    _BATCH.schedule()
+
+
+def flush() -> None:
+    """Write the batched counts now (a worker's stop listener calls this)."""
+    _BATCH.flush()
+
+
 class PromStats:
     """The core's Stats contract on the objects above."""
 
     def received(self, kind: str) -> None:
-        _RECEIVED_BY_TYPE.get(kind, _RECEIVED_BY_TYPE["invalid"]).inc()
+        received = _BATCH.received
+        received[kind] = received.get(kind, 0) + 1
+        _BATCH.schedule()
 
     def error(self, code: str) -> None:
         ERRORS.labels(code).inc()
@@ -66,7 +116,9 @@ class PromStats:
         RATE_LIMITED.inc()
 
     def delivered(self, latency_s: float) -> None:
-        LATENCY.observe(latency_s)
+        if len(_BATCH.latencies) < 100_000:  # bounded: a sample is enough past that
+            _BATCH.latencies.append(latency_s)
+        _BATCH.schedule()
 
     def backplane_error(self, op: str) -> None:
         BACKPLANE_ERRORS.labels(op).inc()

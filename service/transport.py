@@ -259,7 +259,7 @@ def flush_one(session: Session, ws: LeanWebsocket) -> None:
                 parts.append(_frame_header(len(frame)))
                 parts.append(frame)
             transport.writelines(parts)
-            metrics.SENT.inc(len(frames))
+            metrics.count_sent(len(frames))
             if transport.get_write_buffer_size() > session.max_bytes:
                 session.close(Close.POLICY, "slow consumer")
     if session.closed and not ws.close_started:
