@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from ..core.ratelimit import Admission
 from .keys import LIMITS_PREFIX
+from .scripts import run_scripts
 
 Waiter = asyncio.Future[float | None]
 
@@ -90,10 +91,15 @@ class RedisLimiter:
         script = bridge.lua_acquire_moving_window
         now = time.time()
         expiry, limit = self._item.get_expiry(), self._item.amount
-        pipe = self._redis.pipeline(transaction=False)
-        for user, futs in batch.items():
-            await script(keys=[self._key(user)], args=[now, limit, expiry, len(futs)], client=pipe)
-        return list(await pipe.execute())
+        calls = [
+            (script, [self._key(user)], [now, limit, expiry, len(futs)])
+            for user, futs in batch.items()
+        ]
+        results = await run_scripts(self._redis, calls)
+        for res in results:
+            if isinstance(res, Exception):
+                raise res
+        return results
 
     async def _partial(self, user: str, futs: list[Waiter]) -> None:
         """Not all of a user's messages of this tick fit: admit those that do, in order."""

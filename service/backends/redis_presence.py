@@ -14,6 +14,7 @@ exactly one worker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 
 from redis.asyncio import Redis
@@ -175,6 +176,11 @@ return res
 """
 
 
+_Located = asyncio.Future[dict[str, dict[str, Location]]]
+# users per script call of one batched lookup
+LOCATE_CHUNK = 500
+
+
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -212,6 +218,8 @@ class RedisPresence:
         self._leave = redis.register_script(_LEAVE)
         self._sweep = redis.register_script(_SWEEP)
         self._prefix = keys.node_alive_prefix()
+        self._locating: list[tuple[Sequence[str], _Located]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ devices
 
@@ -257,10 +265,40 @@ class RedisPresence:
         return sorted(_s(r) for r in rooms)
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
+        """Every lookup of one loop tick shares one script call (senders look up their
+        recipients on every direct message)."""
         if not users:
             return {}
-        rows = await self._live(keys=[keys.devices(u) for u in users], args=[self._prefix])
-        return {u: dict(_pairs(row)) for u, row in zip(users, rows, strict=True)}
+        fut: _Located = asyncio.get_running_loop().create_future()
+        if not self._locating:
+            task = asyncio.ensure_future(self._locate_batch())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._locating.append((users, fut))
+        return await fut
+
+    async def _locate_batch(self) -> None:
+        await asyncio.sleep(0)  # the rest of this tick's lookups join
+        batch, self._locating = self._locating, []
+        wanted = list(dict.fromkeys(u for users, _ in batch for u in users))
+        try:
+            found: dict[str, dict[str, Location]] = {}
+            for i in range(0, len(wanted), LOCATE_CHUNK):
+                chunk = wanted[i : i + LOCATE_CHUNK]
+                rows = await self._live(keys=[keys.devices(u) for u in chunk], args=[self._prefix])
+                found.update({u: dict(_pairs(row)) for u, row in zip(chunk, rows, strict=True)})
+        except BaseException as exc:  # cancelled too: no caller may wait forever
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(
+                        exc if isinstance(exc, Exception) else ConnectionError("presence closed")
+                    )
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for users, fut in batch:
+            if not fut.done():
+                fut.set_result({u: dict(found[u]) for u in users})
 
     # ------------------------------------------------------------------ rooms
 
@@ -370,4 +408,10 @@ class RedisPresence:
             return False
 
     async def close(self) -> None:
-        pass  # the client is shared; its owner closes it
+        """The client is shared (its owner closes it); lookups in flight are cancelled."""
+        for task in list(self._tasks):
+            task.cancel()
+        for _, fut in self._locating:
+            if not fut.done():
+                fut.set_exception(ConnectionError("presence closed"))
+        self._locating = []
