@@ -9,7 +9,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import deque
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -45,28 +45,71 @@ class SignalingServerProtocol(ServerProtocol):
 
 
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+_PING, _PONG = Opcode.PING, Opcode.PONG
 # Frames read but not yet handled, per connection, before the socket stops being read.
 INBOX_PAUSE = 256
 
 
 class LeanWebsocket(WebsocketImplProtocol):
-    """Sanic's websocket with a lean receive path.  Sanic's own one creates a task per
-    received chunk and per ``recv()`` (``asyncio.wait`` on fresh futures); here
-    ``data_received`` parses the frames synchronously and appends complete messages to
-    ``inbox``, waking the connection's read loop through one future.  Control frames
-    (ping/pong/close) still take Sanic's path.  The inbox is bounded: past INBOX_PAUSE
-    messages the socket is not read until the loop catches up."""
+    """Sanic's websocket with a lean receive path and no task of its own.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    Sanic's receive path creates a task per received chunk and per ``recv()``; here
+    ``data_received`` parses the frames synchronously and appends complete messages to
+    ``inbox``, waking the connection's read loop through one future.  Close frames still
+    take Sanic's path.  The inbox is bounded: past INBOX_PAUSE messages the socket is not
+    read until the loop catches up.
+
+    Sanic also gives every connection a keepalive task and an auto-close task; here one
+    ``Pinger`` per worker pings every socket, and the close handshake is finished from
+    callbacks (the transport is closed once the close frames are exchanged, or aborted
+    ``close_timeout`` after our close frame went out).  What is left per connection is the
+    protocol state and the handler's own coroutine: this is what makes idle sockets cheap.
+    """
+
+    def __init__(
+        self,
+        ws_proto: Any,
+        max_queue: Any = None,
+        ping_interval: float | None = 20,
+        ping_timeout: float | None = 20,
+        close_timeout: float = 10,
+        loop: Any = None,
+    ) -> None:
+        # Not calling super().__init__: it builds a frame assembler, three locks and
+        # futures this class never uses.  These are the attributes Sanic's methods read.
+        self.ws_proto = ws_proto
+        self.io_proto = None
+        self.loop = None
+        self.max_queue = max_queue
+        self.close_timeout = close_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.pings = {}
+        self.conn_mutex = asyncio.Lock()
+        self.process_event_mutex = asyncio.Lock()
+        self.recv_cancel = None
+        self.data_finished_fut = None
+        self.can_pause = True
+        self.pause_frame_fut = None
+        self.keepalive_ping_task = None
+        self.auto_closer_task = None
+        self.connection_lost_waiter = None
         # (is_text, data) of each complete message, oldest first
-        self.inbox: deque[tuple[bool, bytes]] = deque()
+        self.inbox: list[tuple[bool, bytes]] = []
         self._waiter: asyncio.Future[None] | None = None
         self._fragments: list[bytes] = []
         self._fragment_text = False
         self._paused = False
         self.close_started = False  # the edge began closing (see ``flush_one``)
         self.closing: asyncio.Future[None] | None = None
+        self.ping_sent_at = 0.0  # monotonic time of an unanswered ping, or 0
+        self.ping_due = time.monotonic()  # when the Pinger last considered this socket
+
+    async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
+        self.io_proto = io_proto
+        self.loop = loop or asyncio.get_running_loop()
+        if self.ping_interval:
+            PINGER.add(self)
 
     def data_received(self, data: bytes) -> None:
         proto = self.ws_proto
@@ -88,11 +131,15 @@ class LeanWebsocket(WebsocketImplProtocol):
                 if event.fin:
                     inbox.append((self._fragment_text, b"".join(self._fragments)))
                     self._fragments = []
-            else:
+            elif op is _PONG:
+                self.ping_sent_at = 0.0
+            elif op is not _PING:  # pings are answered by websockets (in ``out``)
                 control = control or []
                 control.append(event)
         if out or control:
-            asyncio.ensure_future(self.async_data_received(out, control or []))
+            self._send_now(out)
+            if control:
+                asyncio.ensure_future(self.process_events(control))
         if len(inbox) >= INBOX_PAUSE and not self._paused:
             transport = self.io_proto.transport if self.io_proto is not None else None
             if transport is not None:
@@ -100,19 +147,66 @@ class LeanWebsocket(WebsocketImplProtocol):
                 transport.pause_reading()
         self.wake()
 
+    def _send_now(self, chunks: list[bytes]) -> None:
+        """Write protocol output (pongs, close frames); an empty chunk means: the close
+        handshake is over, close the TCP connection."""
+        io = self.io_proto
+        transport = io.transport if io is not None else None
+        if transport is None:
+            return
+        for chunk in chunks:
+            if chunk:
+                if not transport.is_closing():
+                    transport.write(chunk)
+            else:
+                transport.close()
+
+    async def send_data(self, data_to_send: list[bytes]) -> None:
+        """Sanic's close path sends through here."""
+        self._send_now(data_to_send)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send our close frame; the TCP connection is closed when the client answers, or
+        aborted ``close_timeout`` later."""
+        if self.ws_proto.state is not _ws_protocol.OPEN:
+            return
+        self.ws_proto.send_close(code, reason)
+        self._send_now(self.ws_proto.data_to_send())
+        io = self.io_proto
+        if io is not None and io.transport is not None and self.loop is not None:
+            self.loop.call_later(self.close_timeout, io.transport.abort)
+
+    def ping_now(self, now: float) -> bool:
+        """Called by the Pinger: send a ping, or fail the connection (1011) when the last
+        one went unanswered for ``ping_timeout``.  False once the socket is gone."""
+        if self.ws_proto.state is not _ws_protocol.OPEN:
+            return self.ws_proto.state is not _ws_protocol.CLOSED
+        if self.ping_sent_at:
+            if self.ping_timeout and now - self.ping_sent_at > self.ping_timeout:
+                self.fail_connection(1011)
+                return False
+            return True
+        self.ping_sent_at = now
+        self.ws_proto.send_ping(b"")
+        self._send_now(self.ws_proto.data_to_send())
+        return True
+
     def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
+        if self.ws_proto.state is not _ws_protocol.CLOSED:
+            self.ws_proto.fail(code=1006)
+            self.ws_proto.state = _ws_protocol.CLOSED
         self.wake()
 
     def eof_received(self) -> bool | None:
-        res = super().eof_received()
+        self.ws_proto.receive_eof()
+        self._send_now(self.ws_proto.data_to_send())
         self.wake()
-        return res
+        return False
 
     @property
     def finished(self) -> bool:
@@ -130,12 +224,41 @@ class LeanWebsocket(WebsocketImplProtocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        batch = list(self.inbox)
-        self.inbox.clear()
+        batch, self.inbox = self.inbox, []
         if self._paused and self.io_proto is not None and self.io_proto.transport is not None:
             self._paused = False
             self.io_proto.transport.resume_reading()
         return batch
+
+
+class Pinger:
+    """One keepalive for every socket of the worker (instead of a task per connection):
+    every ``interval`` each socket is pinged, and one whose previous ping is unanswered
+    after its ``ping_timeout`` is failed with 1011."""
+
+    def __init__(self) -> None:
+        self._sockets: weakref.WeakSet[LeanWebsocket] = weakref.WeakSet()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, ws: LeanWebsocket) -> None:
+        self._sockets.add(ws)
+        if self._task is None or self._task.done():
+            interval = ws.ping_interval or 20.0
+            self._task = asyncio.ensure_future(self._run(interval))
+
+    async def _run(self, interval: float) -> None:
+        step = min(interval, 1.0)
+        while self._sockets:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for ws in list(self._sockets):
+                if ws.ping_sent_at or now - ws.ping_due >= interval:
+                    ws.ping_due = now
+                    if not ws.ping_now(now):
+                        self._sockets.discard(ws)
+
+
+PINGER = Pinger()
 
 
 # Sanic builds its ServerProtocol and websocket from these module globals and offers no

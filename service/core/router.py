@@ -224,7 +224,13 @@ class Router:
             for n in nodes
         ]
         keeps = [backplane.keep(user, d, frame) for d in parked]
-        results = await asyncio.gather(*sends, *keeps, return_exceptions=True)
+        if len(sends) + len(keeps) == 1:  # the common case: no gather machinery
+            try:
+                results: list[Any] = [await (sends or keeps)[0]]
+            except Exception as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(*sends, *keeps, return_exceptions=True)
         counts = [len(remote[n]) for n in nodes] + [1] * len(parked)
         failed: BaseException | None = None
         resumed: list[str] = []

@@ -9,7 +9,6 @@ connection (1008 slow consumer).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -57,7 +56,7 @@ class Session:
         self.user_id = identity.user_id
         self.device_id = identity.device_id
         self.location = location
-        self.outbox: deque[bytes] = deque()
+        self.outbox: list[bytes] = []
         self.outbox_bytes = 0
         # the edge's flush hook (see the module docstring); None: frames just queue up
         self.on_ready: Callable[[Session], None] | None = None
@@ -126,8 +125,7 @@ class Session:
 
     def take(self) -> list[bytes]:
         """Everything queued, oldest first (the edge's flush)."""
-        frames = list(self.outbox)
-        self.outbox.clear()
+        frames, self.outbox = self.outbox, []
         self.outbox_bytes = 0
         return frames
 

@@ -1,0 +1,85 @@
+"""The lean websocket path against a real server process: keepalive from the worker's one
+pinger (no task per connection), fragmented messages, and the close handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+import time
+
+import websockets
+
+from tests.support import ServerProcess, running, server_env, token, uid
+
+PING_ENV = {"WS_PING_INTERVAL": "0.5", "WS_PING_TIMEOUT": "0.5"}
+
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def raw_upgrade(server: ServerProcess, user: str) -> Stream:
+    """A websocket that never answers pings: the handshake by hand, then silence."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws?token={token(user, 'd')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def read_frames(reader: asyncio.StreamReader, seconds: float) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of every frame until the server closes the TCP connection."""
+    frames: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), deadline - time.monotonic())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return frames
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await reader.readexactly(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await reader.readexactly(8))
+        frames.append((b0 & 0x0F, await reader.readexactly(n)))
+    raise AssertionError(f"the server kept the connection open: {frames}")
+
+
+async def test_a_client_that_never_answers_pings_is_closed_1011() -> None:
+    with running(server_env(None, **PING_ENV)) as server:
+        reader, writer = await raw_upgrade(server, uid("silent"))
+        frames = await read_frames(reader, 8)
+        writer.close()
+        opcodes = [op for op, _ in frames]
+        assert opcodes[0] == 0x1 and json.loads(frames[0][1])["type"] == "welcome"
+        assert 0x9 in opcodes, opcodes  # pinged
+        close = [payload for op, payload in frames if op == 0x8]
+        assert close and struct.unpack("!H", close[0][:2])[0] == 1011, frames
+
+
+async def test_a_client_that_answers_pings_stays_and_fragments_are_reassembled() -> None:
+    with running(server_env(None, **PING_ENV)) as server:
+        alice, bob = uid("frag-a"), uid("frag-b")
+        a = await websockets.connect(f"{server.ws_url}?token={token(alice, 'd')}")
+        b = await websockets.connect(f"{server.ws_url}?token={token(bob, 'd')}")
+        await a.recv(), await b.recv()
+        await asyncio.sleep(2.5)  # five ping intervals: websockets answers every ping
+        text = json.dumps({"type": "offer", "to": bob, "payload": {"sdp": "x" * 3000}, "id": "f"})
+        await a.send([text[:10], text[10:2000], text[2000:]])  # one message, three frames
+        assert json.loads(await asyncio.wait_for(a.recv(), 5)) == {
+            "type": "ack", "id": "f", "devices": 1
+        }
+        got = json.loads(await asyncio.wait_for(b.recv(), 5))
+        assert got["payload"] == {"sdp": "x" * 3000}
+        await a.close()
+        assert a.close_code == 1000
+        await b.close()
