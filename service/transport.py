@@ -10,7 +10,6 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import sanic.server.protocols.websocket_protocol as _ws_protocol
@@ -50,6 +49,27 @@ _PING, _PONG = Opcode.PING, Opcode.PONG
 INBOX_PAUSE = 256
 
 
+class _NoEvent:
+    """Stands in for the asyncio.Events of Sanic's HTTP protocol on upgraded sockets."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return True
+
+    async def wait(self) -> bool:
+        return True
+
+
+_NO_EVENT = _NoEvent()
+
+
 class LeanWebsocket(WebsocketImplProtocol):
     """Sanic's websocket with a lean receive path and no task of its own.
 
@@ -85,8 +105,9 @@ class LeanWebsocket(WebsocketImplProtocol):
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.pings = {}
-        self.conn_mutex = asyncio.Lock()
-        self.process_event_mutex = asyncio.Lock()
+        # Sanic's locks guard its recv/send/close, all replaced here
+        self.conn_mutex = None  # type: ignore[assignment]
+        self.process_event_mutex = None  # type: ignore[assignment]
         self.recv_cancel = None
         self.data_finished_fut = None
         self.can_pause = True
@@ -108,6 +129,14 @@ class LeanWebsocket(WebsocketImplProtocol):
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
         self.io_proto = io_proto
         self.loop = loop or asyncio.get_running_loop()
+        # The HTTP protocol's two asyncio.Events (a deque each) and its last timeout timer
+        # serve HTTP requests only; this socket is a websocket now, written directly.
+        io_proto._data_received = _NO_EVENT
+        io_proto._can_write = _NO_EVENT
+        timer = getattr(io_proto, "_callback_check_timeouts", None)
+        if timer is not None:
+            timer.cancel()
+            io_proto._callback_check_timeouts = None
         if self.ping_interval:
             PINGER.add(self)
 
@@ -115,7 +144,6 @@ class LeanWebsocket(WebsocketImplProtocol):
         proto = self.ws_proto
         proto.receive_data(data)
         out = proto.data_to_send()
-        control = None
         inbox = self.inbox
         events: list[Any] = proto.events_received()  # only frames once the socket is open
         for event in events:
@@ -133,13 +161,10 @@ class LeanWebsocket(WebsocketImplProtocol):
                     self._fragments = []
             elif op is _PONG:
                 self.ping_sent_at = 0.0
-            elif op is not _PING:  # pings are answered by websockets (in ``out``)
-                control = control or []
-                control.append(event)
-        if out or control:
+            # pings are answered by websockets (in ``out``); a close frame too (its echo,
+            # then the end of the connection), and ``finished`` tells the read loop
+        if out:
             self._send_now(out)
-            if control:
-                asyncio.ensure_future(self.process_events(control))
         if len(inbox) >= INBOX_PAUSE and not self._paused:
             transport = self.io_proto.transport if self.io_proto is not None else None
             if transport is not None:
@@ -337,16 +362,12 @@ class Flusher:
         self._pending: list[tuple[Session, LeanWebsocket]] = []
         self._scheduled = False
 
-    def hook(self, ws: LeanWebsocket) -> Callable[[Session], None]:
-        """The ``on_ready`` hook of a session on ``ws``."""
-
-        def on_ready(session: Session) -> None:
-            self._pending.append((session, ws))
-            if not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self.flush)
-
-        return on_ready
+    def on_ready(self, session: Session) -> None:
+        """The ``on_ready`` hook of every session (``session.edge`` is its socket)."""
+        self._pending.append((session, session.edge))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -388,13 +409,22 @@ def flush_one(session: Session, ws: LeanWebsocket) -> None:
     if session.closed and not ws.close_started:
         ws.close_started = True
         ws.wake()  # the read loop ends
-        if session.close_code != Close.POLICY:  # the closer already ended that one
+        if session.close_code == Close.POLICY:
+            # slow consumer / abuse: no close handshake with a client that may not read
+            ws.end_connection(session.close_code, session.close_reason)
+        else:
             ws.closing = asyncio.ensure_future(
                 ws.close(session.close_code or Close.NORMAL, session.close_reason)
             )
 
 
 _FLUSHER = Flusher()  # one per worker process (each has one event loop)
+_ON_READY = _FLUSHER.on_ready  # one bound method shared by every session
+
+
+def _closed_by_flush(code: int, reason: str) -> None:
+    """Sessions' closer: the close frame goes out from ``flush_one`` in this very tick
+    (``on_ready`` is called on close), after the frames queued before it."""
 
 
 async def websocket_handler(request: Request, ws: Any) -> None:
@@ -405,30 +435,27 @@ async def websocket_handler(request: Request, ws: Any) -> None:
     # opaque to clients; the node prefix tells operators (and tests) which worker holds it
     conn_id = f"{rt.node_id}.{secrets.token_urlsafe(9)}"
 
-    def closer(code: int, reason: str) -> None:
-        if code == Close.POLICY:  # slow consumer / abuse: do not wait on a client that stalls
-            with contextlib.suppress(Exception):
-                ws.end_connection(code, reason)
-
     session = Session(
         identity,
         Location(rt.node_id, conn_id),
-        closer,
+        _closed_by_flush,
         rt.settings.outbox_max_messages,
         rt.settings.outbox_max_bytes,
     )
-    session.on_ready = _FLUSHER.hook(ws)
+    session.edge = ws
+    session.on_ready = _ON_READY
     started = time.monotonic()
     connected = False
     # Sanic cancels this handler when the socket drops; the claim must still finish (and
     # then be parked or released), so it runs in its own task.
-    connecting = asyncio.ensure_future(
+    connecting: asyncio.Future[bool] | None = asyncio.ensure_future(
         rt.hub.connect(
             session, lambda resumed, missed: _welcome(rt, identity, conn_id, resumed, missed)
         )
     )
     try:
-        await asyncio.shield(connecting)
+        await asyncio.shield(connecting)  # type: ignore[arg-type]
+        connecting = None  # claimed; nothing of it needs to stay in memory
         connected = True
         metrics.ACTIVE.inc()
         await _read_loop(rt, ws, session)
@@ -452,16 +479,19 @@ async def _finish(
     rt: Runtime,
     ws: LeanWebsocket,
     session: Session,
-    connecting: asyncio.Future[bool],
+    connecting: asyncio.Future[bool] | None,
     started: float | None,
 ) -> None:
+    """``connecting``: None once the claim succeeded, else the claim (maybe still running)."""
     if started is not None:
         metrics.ACTIVE.dec()
         metrics.DURATION.observe(time.monotonic() - started)
-    if not connecting.done():
+    if connecting is not None and not connecting.done():
         with contextlib.suppress(BaseException):
             await connecting
-    claimed = connecting.done() and not connecting.cancelled() and connecting.exception() is None
+    claimed = connecting is None or (
+        not connecting.cancelled() and connecting.exception() is None
+    )
     with contextlib.suppress(Exception):
         await rt.hub.disconnect(session, park=claimed and _resumable(ws, session))
     if not session.closed:

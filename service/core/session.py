@@ -10,7 +10,7 @@ connection (1008 slow consumer).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Close
 from .contracts import Location
@@ -30,6 +30,7 @@ class Session:
         "outbox",
         "outbox_bytes",
         "on_ready",
+        "edge",
         "closed",
         "close_code",
         "close_reason",
@@ -60,6 +61,7 @@ class Session:
         self.outbox_bytes = 0
         # the edge's flush hook (see the module docstring); None: frames just queue up
         self.on_ready: Callable[[Session], None] | None = None
+        self.edge: Any = None  # the edge's handle for the socket (opaque to the core)
         self.closed = False
         self.close_code: int | None = None
         self.close_reason = ""
