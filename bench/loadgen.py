@@ -248,7 +248,21 @@ class Worker:
             "lat_us": self.lat_us.tobytes(),
             "open": sum(1 for c in self.conns if c.open),
             "dropped": self.dropped,
+            "diag": self._diag(),
         }
+
+    def _diag(self) -> dict[str, int]:
+        """Where undelivered messages are: senders with messages missing at their partner,
+        by the instance of the sender (even/odd index), and those whose partner received
+        nothing at all (their very first message was lost)."""
+        out: Counter[str] = Counter()
+        for c in self.conns:
+            missing = c.seq - max(c.partner_conn.last_seq, 0)
+            if missing > 0:
+                out["senders_missing_" + ("even" if c.idx % 2 == 0 else "odd")] += 1
+                if c.partner_conn.last_seq < 1:
+                    out["senders_nothing_delivered"] += 1
+        return dict(out)
 
     async def op_presence(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Ask, from one open connection, whether a sample of our users is online."""
@@ -555,6 +569,7 @@ class RunStats:
     open: int = 0
     dropped: int = 0
     lat_us: list[int] = field(default_factory=list)
+    diag: Counter[str] = field(default_factory=Counter)
 
     @property
     def lost(self) -> int:
@@ -697,6 +712,7 @@ class LoadGen:
             st.open += r["open"]
             st.dropped += r["dropped"]
             lat.frombytes(r["lat_us"])
+            st.diag.update(r.get("diag", {}))
         st.lat_us = sorted(lat)
         return st
 

@@ -176,11 +176,12 @@ def plots(result: dict[str, Any], out: Path) -> None:
     lat = [r for r in rows if r["scenario"] == "latency" and r.get("p50_ms") is not None]
     if lat:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for lab in sorted({r["server"] for r in lat}):
+        for i, lab in enumerate(sorted({r["server"] for r in lat})):
             sel = sorted((r for r in lat if r["server"] == lab), key=lambda r: r["offered_rate"])
             xs = [r["offered_rate"] for r in sel]
             for key, style in (("p50_ms", "-o"), ("p99_ms", "--s"), ("p999_ms", ":^")):
-                ax.plot(xs, [r[key] for r in sel], style, label=f"{lab} {key[:-3]}")
+                ax.plot(xs, [r[key] for r in sel], style, color=f"C{i}",
+                        label=f"{lab} {key[:-3]}")
         ax.set_xlabel("offered msg/s (total)")
         ax.set_ylabel("one-way latency, ms")
         ax.set_yscale("log")

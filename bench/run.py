@@ -193,7 +193,7 @@ class Bench:
                 sent=st.sent, delivered=st.delivered, lost=st.lost,
                 loss_pct=round(100 * st.lost / st.sent, 4) if st.sent else 0.0,
                 acks=st.acks if proto == "signaling" else None,
-                errors=dict(st.errors), out_of_order=st.out_of_order,
+                errors=dict(st.errors), out_of_order=st.out_of_order, undelivered=dict(st.diag),
                 msgs_per_s=round(msgs / a.duration, 1),
                 server_cpu_s=round(cpu_server, 2), redis_cpu_s=round(cpu_redis, 2),
                 server_cpu_pct=round(100 * cpu_server / wall, 1),
