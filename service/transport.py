@@ -16,7 +16,7 @@ import sanic.server.protocols.websocket_protocol as _ws_protocol
 from sanic import Request
 from sanic.response import HTTPResponse, json
 from sanic.server.websockets.impl import WebsocketImplProtocol
-from websockets.frames import Opcode
+from websockets.frames import Close as WSClose
 from websockets.server import ServerProtocol
 
 from . import metrics
@@ -28,6 +28,11 @@ from .errors import AuthError, Close, HttpCode
 from .ice import ice_fields
 from .protocol import encode, now_ms
 from .runtime import Runtime
+
+try:  # the C implementation (websockets ships it for CPython)
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
 
 log = logging.getLogger("signaling.transport")
 WS_PATH = "/ws"
@@ -43,8 +48,15 @@ class SignalingServerProtocol(ServerProtocol):
         return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
 
 
-_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
-_PING, _PONG = Opcode.PING, Opcode.PONG
+_PONG_HEAD = b"\x8a"  # FIN + pong; the payload length (<= 125) follows
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 # Frames read but not yet handled, per connection, before the socket stops being read.
 INBOX_PAUSE = 256
 
@@ -118,8 +130,11 @@ class LeanWebsocket(WebsocketImplProtocol):
         # (is_text, data) of each complete message, oldest first
         self.inbox: list[tuple[bool, bytes]] = []
         self._waiter: asyncio.Future[None] | None = None
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes] | None = None  # a fragmented message so far
         self._fragment_text = False
+        self._fragment_size = 0
+        self._rest = b""  # the start of a frame not yet complete
+        self._max_size = ws_proto.max_message_size or 2**63
         self._paused = False
         self.close_started = False  # the edge began closing (see ``flush_one``)
         self.closing: asyncio.Future[None] | None = None
@@ -128,6 +143,8 @@ class LeanWebsocket(WebsocketImplProtocol):
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
         self.io_proto = io_proto
+        # Frames are parsed here, not by websockets: its parser (a generator) can go.
+        self.ws_proto.parser = None  # type: ignore[assignment]
         self.loop = loop or asyncio.get_running_loop()
         # The HTTP protocol's two asyncio.Events (a deque each) and its last timeout timer
         # serve HTTP requests only; this socket is a websocket now, written directly.
@@ -141,36 +158,103 @@ class LeanWebsocket(WebsocketImplProtocol):
             PINGER.add(self)
 
     def data_received(self, data: bytes) -> None:
-        proto = self.ws_proto
-        proto.receive_data(data)
-        out = proto.data_to_send()
+        """Parse the client's frames (RFC 6455 §5) straight into ``inbox``.  Any protocol
+        violation fails the connection with the code the RFC names (1002, 1007, 1009)."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        if self.ws_proto.close_rcvd is not None:
+            return  # nothing may follow a close frame
         inbox = self.inbox
-        events: list[Any] = proto.events_received()  # only frames once the socket is open
-        for event in events:
-            op = event.opcode
-            if op is _TEXT or op is _BINARY:
-                if event.fin:
-                    inbox.append((op is _TEXT, event.data))
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            b0, b1 = data[pos], data[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, head = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+            op = b0 & 0x0F
+            if b0 & 0x70 or not b1 & 0x80:  # reserved bits, or an unmasked client frame
+                return self._fail(1002, "protocol error")
+            if op >= 8 and (length > 125 or not b0 & 0x80):
+                return self._fail(1002, "bad control frame")
+            if length + self._fragment_size > self._max_size:
+                return self._fail(1009, "message too big")
+            start = pos + head + 4
+            if end < start + length:
+                break
+            payload = apply_mask(data[start : start + length], data[start - 4 : start])
+            pos = start + length
+            if op == 1 or op == 2:
+                if self._fragments is not None:
+                    return self._fail(1002, "expected a continuation frame")
+                if b0 & 0x80:
+                    if op == 1 and not _valid_utf8(payload):
+                        return self._fail(1007, "invalid UTF-8")
+                    inbox.append((op == 1, payload))
                 else:
-                    self._fragments = [event.data]
-                    self._fragment_text = op is _TEXT
-            elif op is _CONT:
-                self._fragments.append(event.data)
-                if event.fin:
-                    inbox.append((self._fragment_text, b"".join(self._fragments)))
-                    self._fragments = []
-            elif op is _PONG:
+                    self._fragments, self._fragment_text = [payload], op == 1
+                    self._fragment_size = length
+            elif op == 0:
+                if self._fragments is None:
+                    return self._fail(1002, "unexpected continuation frame")
+                self._fragments.append(payload)
+                self._fragment_size += length
+                if b0 & 0x80:
+                    message = b"".join(self._fragments)
+                    self._fragments, self._fragment_size = None, 0
+                    if self._fragment_text and not _valid_utf8(message):
+                        return self._fail(1007, "invalid UTF-8")
+                    inbox.append((self._fragment_text, message))
+            elif op == 9:
+                self._write(_PONG_HEAD + bytes((len(payload),)) + payload)
+            elif op == 10:
                 self.ping_sent_at = 0.0
-            # pings are answered by websockets (in ``out``); a close frame too (its echo,
-            # then the end of the connection), and ``finished`` tells the read loop
-        if out:
-            self._send_now(out)
+            elif op == 8:
+                self._close_received(payload)
+                break
+            else:
+                return self._fail(1002, "unknown opcode")
+        if pos < end:
+            self._rest = data[pos:]
         if len(inbox) >= INBOX_PAUSE and not self._paused:
             transport = self.io_proto.transport if self.io_proto is not None else None
             if transport is not None:
                 self._paused = True
                 transport.pause_reading()
         self.wake()
+
+    def _close_received(self, payload: bytes) -> None:
+        """Echo the client's close frame (or answer ours), then end the TCP connection."""
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        reason = payload[2:].decode(errors="replace")
+        proto = self.ws_proto
+        if proto.state is _ws_protocol.OPEN:
+            proto.send_close(code if code != 1005 else 1000, "" if code == 1005 else reason)
+            self._send_now(proto.data_to_send())
+            proto.close_rcvd_then_sent = True
+        proto.close_rcvd = WSClose(code, reason)
+        proto.state = _ws_protocol.CLOSED
+        self._send_now([b""])
+        self.wake()
+
+    def _fail(self, code: int, reason: str) -> None:
+        proto = self.ws_proto
+        self._rest = b""
+        if proto.state is _ws_protocol.OPEN:
+            proto.send_close(code, reason)
+            self._send_now(proto.data_to_send())
+        proto.close_rcvd = WSClose(1006, "")  # the read loop ends
+        self._send_now([b""])
+        self.wake()
+
+    def _write(self, chunk: bytes) -> None:
+        self._send_now([chunk])
 
     def _send_now(self, chunks: list[bytes]) -> None:
         """Write protocol output (pongs, close frames); an empty chunk means: the close
@@ -228,10 +312,8 @@ class LeanWebsocket(WebsocketImplProtocol):
         self.wake()
 
     def eof_received(self) -> bool | None:
-        self.ws_proto.receive_eof()
-        self._send_now(self.ws_proto.data_to_send())
         self.wake()
-        return False
+        return False  # the transport closes itself; connection_lost follows
 
     @property
     def finished(self) -> bool:

@@ -83,3 +83,51 @@ async def test_a_client_that_answers_pings_stays_and_fragments_are_reassembled()
         await a.close()
         assert a.close_code == 1000
         await b.close()
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True) -> bytes:
+    head = bytes(((0x80 if fin else 0) | opcode,))
+    n = len(payload)
+    m = 0x80 if mask else 0
+    if n < 126:
+        head += bytes((m | n,))
+    elif n < 65536:
+        head += bytes((m | 126,)) + struct.pack("!H", n)
+    else:
+        head += bytes((m | 127,)) + struct.pack("!Q", n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def test_frames_split_anywhere_pings_answered_and_violations_closed() -> None:
+    with running(server_env(None)) as server:
+        reader, writer = await raw_upgrade(server, uid("raw"))
+        # a ping and a message, written one byte at a time
+        data = client_frame(0x9, b"hello") + client_frame(0x1, b'{"type":"ping","id":"p1"}')
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+        frames = []
+        while len(frames) < 3:  # welcome, pong, our pong reply to the json ping
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await reader.readexactly(2))
+            frames.append((b0 & 0x0F, await reader.readexactly(n)))
+        assert frames[1] == (0xA, b"hello")
+        assert json.loads(frames[2][1])["type"] == "pong"
+        writer.close()
+
+        for bad, code in (
+            (client_frame(0x1, b'"\xff\xfe"'), 1007),  # text that is not UTF-8
+            (client_frame(0x1, b"{}", mask=False), 1002),  # clients must mask
+            (client_frame(0x0, b"{}"), 1002),  # a continuation with nothing to continue
+        ):
+            reader, writer = await raw_upgrade(server, uid("bad"))
+            writer.write(bad)
+            got = await read_frames(reader, 5)
+            close = [payload for op, payload in got if op == 0x8]
+            assert close and struct.unpack("!H", close[0][:2])[0] == code, (bad, got)
+            writer.close()
