@@ -5,7 +5,9 @@ Each worker owns one inbox stream ``sig:inbox:<node>`` with consumer group ``sig
 ``send`` of one event-loop tick goes out in one pipeline, in submission order, from a single
 writer task (so one sender's messages keep their order).  The reader ``XREADGROUP … BLOCK``s on
 its own connection (socket timeout above the block time), hands entries to the hub, then
-``XACK``s and ``XDEL``s them: payloads stay in Redis only while in transit.
+``XACK``s them and trims the stream below them (``XTRIM MINID ~``, whole stream nodes
+only, which is much cheaper for Redis than ``XDEL``): payloads stay in Redis while in transit
+and at most one stream node (~100 entries) longer.
 
 NOMKSTREAM is what makes a send to a dead worker fail loudly: its inbox expired (the TTL is
 refreshed by its heartbeat), the XADD returns nil and the sender gets ``peer_offline``.
@@ -45,6 +47,15 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _stream_id(v: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _s(v).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def fields_of_kept(key: str) -> tuple[str, str]:
@@ -162,10 +173,27 @@ class RedisBackplane:
         return fut
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
-        """Frames for ``user``/``device`` left in the inbox of a worker that died."""
+        """Frames for ``user``/``device`` that the inbox of a worker that died still held
+        undelivered: never read by its group, or read but not acknowledged (delivered
+        entries may linger until their stream node is trimmed: those are skipped)."""
+        inbox = keys.inbox(node)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrange(inbox)
+        pipe.xinfo_groups(inbox)
+        pipe.xpending_range(inbox, keys.GROUP, min="-", max="+", count=100_000)
+        try:
+            entries, groups, pending = await pipe.execute()
+        except ResponseError:  # the inbox or its group is gone: nothing to salvage
+            return []
+        last = _stream_id(next(
+            (g["last-delivered-id"] for g in groups if _s(g["name"]) == keys.GROUP), b"0-0"
+        ))
+        unacked = {_stream_id(p["message_id"]) for p in pending}
         out: list[bytes] = []
-        entries: Any = await self._redis.xrange(keys.inbox(node))
-        for _id, fields in entries:
+        for entry_id, fields in entries:
+            sid = _stream_id(entry_id)
+            if sid <= last and sid not in unacked:
+                continue  # delivered and acknowledged
             try:
                 env = decode_envelope(fields)
             except Exception:
@@ -266,9 +294,11 @@ class RedisBackplane:
                     self._stats.backplane_error("decode")
                     log.warning("dropped an undecodable inbox entry: %s", type(exc).__name__)
         if ids:
+            ms, _, seq = _s(ids[-1]).partition("-")
             pipe = self._redis.pipeline(transaction=False)
             pipe.xack(self.inbox, keys.GROUP, *ids)
-            pipe.xdel(self.inbox, *ids)
+            # every entry up to the last one read is acknowledged now (one reader, in order)
+            pipe.xtrim(self.inbox, minid=f"{ms}-{int(seq) + 1}", approximate=True)
             await pipe.execute()
 
     async def close(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from service.backends import keys
-from service.backends.redis_backplane import RedisBackplane
+from service.backends.redis_backplane import RedisBackplane, encode_envelope
 from service.backends.redis_client import make_client
 from service.core.contracts import Envelope
 
@@ -127,3 +127,21 @@ async def test_write_failure_raises_not_false(redis_url: str) -> None:
         loop_task.cancel()
         await bp.close()
         await dead.aclose()
+
+
+async def test_salvage_returns_only_what_the_dead_worker_never_acknowledged(
+    make_bp: Any, redis: Any
+) -> None:
+    """Delivered entries may linger until their stream node is trimmed; a resume elsewhere
+    must get the unread and the read-but-unacknowledged ones, never a delivered one twice."""
+    bp, _ = await make_bp("A")
+    dead = keys.inbox("dead")
+    await redis.xgroup_create(dead, keys.GROUP, id="0", mkstream=True)
+    for i in range(4):
+        env = Envelope("deliver", "u", ("d",), f"f{i}".encode())
+        await redis.xadd(dead, encode_envelope(env))  # type: ignore[arg-type]
+    read = await redis.xreadgroup(keys.GROUP, keys.CONSUMER, {dead: ">"}, count=2)
+    first_id = read[0][1][0][0]
+    await redis.xack(dead, keys.GROUP, first_id)  # f0 delivered; f1 read, unacknowledged
+    assert await bp.salvage("dead", "u", "d") == [b"f1", b"f2", b"f3"]
+    assert await bp.salvage("nobody", "u", "d") == []
