@@ -168,10 +168,12 @@ class Worker:
             await asyncio.wait(pending)
             self.connect_errors["gave_up_at_deadline"] += len(pending)
             for c in self.conns:
-                if not c.open and c.transport is not None:
-                    c.closing = True
-                    with contextlib.suppress(Exception):
-                        c.transport.disconnect()
+                if not c.open:
+                    c.abandoned = True  # a handshake that completes later is closed at once
+                    if c.transport is not None:
+                        c.closing = True
+                        with contextlib.suppress(Exception):
+                            c.transport.disconnect()
         ok = [c.open for c in self.conns]
         if self.proto == "peerjs":
             self._bg.append(asyncio.create_task(self._heartbeats()))
@@ -340,6 +342,7 @@ def _make_base(picows: Any) -> type:
             self.transport: Any = None
             self.open = False
             self.closing = False
+            self.abandoned = False
             self.ready: asyncio.Future[None] | None = None
             self.seq = 0
             self.last_seq = -1
@@ -357,6 +360,11 @@ def _make_base(picows: Any) -> type:
             self.transport = transport
 
         def _set_ready(self) -> None:
+            if self.abandoned:
+                self.closing = True
+                with contextlib.suppress(Exception):
+                    self.transport.disconnect()
+                return
             self.open = True
             if self.ready is not None and not self.ready.done():
                 self.ready.set_result(None)
