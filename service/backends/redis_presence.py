@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
 from ..core.contracts import Claim, Location, Member
 from . import keys
+from .scripts import ScriptCall, run_scripts
 
 _ALIVE = """
 local function now_ms()
@@ -168,6 +170,26 @@ end
 return 0
 """
 
+# KEYS: hashes; ARGV: ttl, then field and value per key (the heartbeat's re-assertion)
+_REASSERT_HASH = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('HSETNX', key, ARGV[2 * i], ARGV[2 * i + 1])
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
+
+# KEYS: sets; ARGV: ttl, then one member per key
+_REASSERT_SET = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('SADD', key, ARGV[i + 1])
+  redis.call('EXPIRE', key, ttl)
+end
+return #KEYS
+"""
+
 # KEYS: hashes; ARGV[1]: node prefix.  Fields removed per hash.
 _SWEEP = _ALIVE + """
 local res = {}
@@ -176,6 +198,10 @@ return res
 """
 
 
+# A heartbeat re-asserts everything every REASSERT_EVERY beats (beats come every
+# PRESENCE_TTL/3; the shortest TTL refreshed this way is the watch sets' 2 * PRESENCE_TTL).
+REASSERT_EVERY = 3
+REASSERT_CHUNK = 500  # keys per script call
 _Located = asyncio.Future[dict[str, dict[str, Location]]]
 # users per script call of one batched lookup
 LOCATE_CHUNK = 500
@@ -217,6 +243,10 @@ class RedisPresence:
         self._join = redis.register_script(_JOIN)
         self._leave = redis.register_script(_LEAVE)
         self._sweep = redis.register_script(_SWEEP)
+        self._reassert_hash = redis.register_script(_REASSERT_HASH)
+        self._reassert_set = redis.register_script(_REASSERT_SET)
+        self._beats = 0
+        self._reassert_next = True  # the first beat re-asserts
         self._prefix = keys.node_alive_prefix()
         self._locating: list[tuple[Sequence[str], _Located]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -353,33 +383,50 @@ class RedisPresence:
         rooms: Iterable[tuple[str, Member, Location]] = (),
         watched: Iterable[str] = (),
     ) -> None:
-        """Liveness first, then everything this worker holds re-asserted with HSETNX/SADD
+        """Liveness first; then everything this worker holds re-asserted with HSETNX/SADD
         (restoring what a Redis restart lost, never overwriting a newer claim) and the TTLs
-        of the keys involved refreshed."""
+        of the keys involved refreshed.  The re-assertion runs at once when this worker's
+        liveness key was gone (Redis restarted, or the worker stalled), else every
+        REASSERT_EVERY beats (the TTLs allow it), in scripts of REASSERT_CHUNK keys: with
+        tens of thousands of connections per worker a command per key would cost more CPU
+        than the connections themselves."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(keys.node_alive(node), b"1", ex=self._ttl)
+        pipe.set(keys.node_alive(node), b"1", ex=self._ttl, get=True)
         if self._window > 0:
             pipe.set(keys.node_seen(node), b"1", ex=self._ttl + self._window)
-        seen: set[str] = set()
-        for user, device, loc in devices:
-            key = keys.devices(user)
-            pipe.hsetnx(key, device, loc.encode())
-            if key not in seen:
-                seen.add(key)
-                pipe.expire(key, self._keep)
+        try:
+            was_alive = (await pipe.execute())[0] is not None
+        except Exception:
+            self._reassert_next = True  # whatever Redis lost meanwhile comes back first
+            raise
+        self._beats += 1
+        if was_alive and not self._reassert_next and self._beats % REASSERT_EVERY:
+            return
+        self._reassert_next = True  # until this re-assertion has succeeded
+        hashes: list[tuple[str, str, str]] = [
+            (keys.devices(user), device, loc.encode()) for user, device, loc in devices
+        ]
+        sets: list[tuple[str, str]] = []
         for room, member, loc in rooms:
-            key = keys.room(room)
-            pipe.hsetnx(key, _member_field(member), loc.encode())
-            if key not in seen:
-                seen.add(key)
-                pipe.expire(key, self._keep)
-            pipe.sadd(keys.device_rooms(*member), room)
-            pipe.expire(keys.device_rooms(*member), self._keep)
-        for user in watched:
-            key = keys.watchers(user)
-            pipe.sadd(key, node)
-            pipe.expire(key, self._ttl * 2)
-        await pipe.execute()
+            hashes.append((keys.room(room), _member_field(member), loc.encode()))
+            sets.append((keys.device_rooms(*member), room))
+        watch_sets = [(keys.watchers(user), node) for user in watched]
+        calls: list[ScriptCall] = []
+        for rows, script, ttl in (
+            (hashes, self._reassert_hash, self._keep),
+            (sets, self._reassert_set, self._keep),
+            (watch_sets, self._reassert_set, self._ttl * 2),
+        ):
+            for i in range(0, len(rows), REASSERT_CHUNK):
+                chunk = rows[i : i + REASSERT_CHUNK]
+                args: list[Any] = [ttl]
+                for row in chunk:
+                    args.extend(row[1:])
+                calls.append((script, [row[0] for row in chunk], args))
+        for res in await run_scripts(self._redis, calls):
+            if isinstance(res, Exception):
+                raise res
+        self._reassert_next = False
 
     async def sweep(
         self, users: Sequence[str], rooms: Sequence[str]

@@ -10,7 +10,7 @@ import pytest
 
 from service.backends import keys
 from service.backends.redis_client import make_client
-from service.backends.redis_presence import RedisPresence
+from service.backends.redis_presence import REASSERT_CHUNK, REASSERT_EVERY, RedisPresence
 from service.core.contracts import PARKED, Location
 from service.core.memory import MemoryCluster, MemoryPresence
 
@@ -194,3 +194,33 @@ async def test_clean_release_ends_everything(twin: Twin) -> None:
     await p.claim("u", "d", A1, 10)
     await p.release("u", "d", A1)
     assert (await p.claim("u", "d", A2, 10)).resumed is False
+
+
+async def test_heartbeat_reasserts_after_a_restart_and_every_few_beats(redis_url: str) -> None:
+    """A beat that finds its liveness key gone (Redis restarted) re-asserts everything at
+    once; otherwise only every REASSERT_EVERY beats, in chunked scripts."""
+    redis = make_client(redis_url, timeout=2.0)
+    p = RedisPresence(redis, ttl=15)
+    devices = [(f"hb{i}", "d", Location("A", f"A.{i}")) for i in range(REASSERT_CHUNK + 7)]
+    rooms = [("hb-room", ("hb3", "d"), Location("A", "A.3"))]
+    await p.heartbeat("A", devices, rooms, ["watched-hb"])
+    assert await redis.hget(keys.devices(f"hb{REASSERT_CHUNK + 6}"), "d") == b"A|A.%d" % (
+        REASSERT_CHUNK + 6
+    )
+    assert await redis.sismember(keys.device_rooms("hb3", "d"), "hb-room")
+    assert await redis.sismember(keys.watchers("watched-hb"), "A")
+    await redis.delete(keys.devices("hb1"))  # lost, but the worker looks alive: not yet
+    await p.heartbeat("A", devices, rooms, ["watched-hb"])
+    assert not await redis.exists(keys.devices("hb1"))
+    for _ in range(REASSERT_EVERY - 1):
+        await p.heartbeat("A", devices, rooms, ["watched-hb"])
+    assert await redis.hget(keys.devices("hb1"), "d") == b"A|A.1"
+    # a restart without persistence (only this test's keys: the server is shared)
+    await redis.delete(
+        keys.node_alive("A"), keys.room("hb-room"), *(keys.devices(u) for u, _, _ in devices)
+    )
+    await p.heartbeat("A", devices, rooms, ["watched-hb"])
+    assert await redis.hget(keys.devices("hb2"), "d") == b"A|A.2"
+    assert await redis.hget(keys.room("hb-room"), "hb3/d") == b"A|A.3"
+    assert 0 < await redis.ttl(keys.devices("hb2")) <= p._keep
+    await redis.aclose()
