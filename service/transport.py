@@ -150,6 +150,12 @@ class LeanWebsocket(WebsocketImplProtocol):
         # serve HTTP requests only; this socket is a websocket now, written directly.
         io_proto._data_received = _NO_EVENT
         io_proto._can_write = _NO_EVENT
+        # The HTTP receive buffer keeps the capacity the request head needed; the socket's
+        # bytes come to ``data_received`` now.
+        buf = io_proto.recv_buffer = bytearray()
+        http = getattr(io_proto, "_http", None)
+        if http is not None:
+            http.recv_buffer = buf
         timer = getattr(io_proto, "_callback_check_timeouts", None)
         if timer is not None:
             timer.cancel()
@@ -514,6 +520,7 @@ async def websocket_handler(request: Request, ws: Any) -> None:
     does reaches Sanic's error logger (which would print the URL)."""
     rt: Runtime = request.app.ctx.runtime
     identity: Identity = request.ctx.identity
+    request.head = b""  # the raw request head (with the token) is not needed any more
     # opaque to clients; the node prefix tells operators (and tests) which worker holds it
     conn_id = f"{rt.node_id}.{secrets.token_urlsafe(9)}"
 
