@@ -4,10 +4,10 @@ Each worker owns one inbox stream ``sig:inbox:<node>`` with consumer group ``sig
 ``XADD … NOMKSTREAM MAXLEN ~ N`` to the inbox of the worker that holds the recipient; every
 ``send`` of one event-loop tick goes out in one pipeline, in submission order, from a single
 writer task (so one sender's messages keep their order).  The reader ``XREADGROUP … BLOCK``s on
-its own connection (socket timeout above the block time), hands entries to the hub, then
-``XACK``s them and trims the stream below them (``XTRIM MINID ~``, whole stream nodes
-only, which is much cheaper for Redis than ``XDEL``): payloads stay in Redis while in transit
-and at most one stream node (~100 entries) longer.
+its own connection (socket timeout above the block time) and hands entries to the hub; it
+``XACK``s them with its next read (one round trip) and trims the stream below them
+(``XTRIM MINID ~``: whole stream nodes only, much cheaper for Redis than ``XDEL``), so
+payloads stay in Redis while in transit and at most one stream node (~100 entries) longer.
 
 NOMKSTREAM is what makes a send to a dead worker fail loudly: its inbox expired (the TTL is
 refreshed by its heartbeat), the XADD returns nil and the sender gets ``peer_offline``.
@@ -25,7 +25,9 @@ from redis.exceptions import ResponseError
 
 from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
 from . import keys
+from .lane import Lane
 from .redis_presence import _ALIVE
+from .scripts import evalsha, is_noscript
 
 log = logging.getLogger("signaling.backplane")
 
@@ -109,6 +111,8 @@ class RedisBackplane:
         self._keep_max = keep_max
         self._keep_ttl = keep_ttl or ttl
         self._reader = reader
+        self._lane = Lane(redis)  # the writer's own connection
+        self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._ttl = ttl
         self._maxlen = maxlen
         self._count = read_count
@@ -129,6 +133,7 @@ class RedisBackplane:
     async def start(self, node: str, sink: EnvelopeSink) -> None:
         self._node, self._sink = node, sink
         await self._ensure_group()
+        await self._lane.connect()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="backplane-writer"),
             asyncio.create_task(self._read_loop(), name="backplane-reader"),
@@ -211,22 +216,33 @@ class RedisBackplane:
                 await self._flush(batch)
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        """One round trip for the whole tick: XADDs and keep scripts, in order."""
+        calls: list[list[Any]] = []
         spans: list[int] = []
+        maxlen = str(self._maxlen)
         for key, fields, frame, _ in batch:
             if fields is not None:
-                pipe.xadd(key, fields, maxlen=self._maxlen, approximate=True, nomkstream=True)  # type: ignore[arg-type]
-                spans.append(1)
+                cmd: list[Any] = ["XADD", key, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*"]
+                for name, value in fields.items():
+                    cmd.append(name)
+                    cmd.append(value)
+                calls.append(cmd)
             else:
                 user, device = fields_of_kept(key)
-                await self._keep_script(  # queues EVALSHA on the pipeline
-                    keys=[keys.devices(user), key],
-                    args=[device, frame, self._keep_max, self._keep_ttl, keys.node_alive_prefix()],
-                    client=pipe,
-                )
-                spans.append(1)
+                calls.append(evalsha(
+                    self._keep_script,
+                    [keys.devices(user), key],
+                    [device, frame, self._keep_max, self._keep_ttl, keys.node_alive_prefix()],
+                ))
+            spans.append(1)
         try:
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._lane.execute(calls)
+            if any(is_noscript(r) for r in results):  # Redis restarted: it forgot the script
+                self._keep_script.sha = await self._redis.script_load(self._keep_script.script)
+                again = [i for i, r in enumerate(results) if is_noscript(r)]
+                for i, res in zip(again, await self._lane.execute([calls[i] for i in again]),
+                                  strict=True):
+                    results[i] = res
         except Exception as exc:
             self._stats.backplane_error("xadd")
             for *_, fut in batch:
@@ -278,28 +294,37 @@ class RedisBackplane:
                 backoff = min(backoff * 2, 2.0)
 
     async def _read_once(self) -> None:
-        resp: Any = await self._reader.xreadgroup(
-            keys.GROUP, keys.CONSUMER, {self.inbox: ">"}, count=self._count, block=self._block
-        )
+        """One read; the acknowledgement of the previous read's entries (delivered to their
+        sessions' outboxes by then) travels in the same round trip, before it."""
+        streams: Any = {self.inbox: ">"}
+        resp: Any
+        if self._unacked:
+            ids = self._unacked
+            ms, _, seq = _s(ids[-1]).partition("-")
+            pipe = self._reader.pipeline(transaction=False)
+            pipe.xack(self.inbox, keys.GROUP, *ids)
+            # every entry up to the last one read is acknowledged now (one reader, in order)
+            pipe.xtrim(self.inbox, minid=f"{ms}-{int(seq) + 1}", approximate=True)
+            pipe.xreadgroup(
+                keys.GROUP, keys.CONSUMER, streams, count=self._count, block=self._block
+            )
+            *_, resp = await pipe.execute()
+            self._unacked = []
+        else:
+            resp = await self._reader.xreadgroup(
+                keys.GROUP, keys.CONSUMER, streams, count=self._count, block=self._block
+            )
         if not resp:
             return
-        ids = []
         assert self._sink is not None
         for _stream, entries in resp:
             for entry_id, fields in entries:
-                ids.append(entry_id)
+                self._unacked.append(entry_id)
                 try:
                     self._sink(decode_envelope(fields))
                 except Exception as exc:  # one bad entry must not stop the inbox
                     self._stats.backplane_error("decode")
                     log.warning("dropped an undecodable inbox entry: %s", type(exc).__name__)
-        if ids:
-            ms, _, seq = _s(ids[-1]).partition("-")
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xack(self.inbox, keys.GROUP, *ids)
-            # every entry up to the last one read is acknowledged now (one reader, in order)
-            pipe.xtrim(self.inbox, minid=f"{ms}-{int(seq) + 1}", approximate=True)
-            await pipe.execute()
 
     async def close(self) -> None:
         """Stop reading and writing; pending sends fail.  Safe to call twice."""
@@ -318,3 +343,4 @@ class RedisBackplane:
         if self._node is not None:
             with contextlib.suppress(Exception):
                 await self._redis.delete(self.inbox)
+        await self._lane.close()

@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from ..core.ratelimit import Admission
 from .keys import LIMITS_PREFIX
+from .lane import Lane
 from .scripts import run_scripts
 
 Waiter = asyncio.Future[float | None]
@@ -47,6 +48,7 @@ class RedisLimiter:
         self._redis = redis
         self._item = parse(rate)
         self._strategy = MovingWindowRateLimiter(storage)
+        self._lane = Lane(redis)
         self._pending: dict[str, list[Waiter]] = {}
         self._flushing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -145,7 +147,7 @@ class RedisLimiter:
             for user, futs in batch.items()
         ]
         self.acquisitions += 1
-        results = await run_scripts(self._redis, calls)
+        results = await run_scripts(self._redis, self._lane, calls)
         for res in results:
             if isinstance(res, Exception):
                 raise res
@@ -176,6 +178,7 @@ class RedisLimiter:
         self._closed = True
         for task in list(self._flushing):
             task.cancel()
+        await self._lane.close()
         closer = getattr(self._storage, "aclose", None)
         if closer is not None:
             await closer()

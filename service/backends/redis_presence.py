@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from ..core.contracts import Claim, Location, Member
 from . import keys
+from .lane import Lane
 from .scripts import ScriptCall, run_scripts
 
 _ALIVE = """
@@ -246,6 +247,8 @@ class RedisPresence:
         self._reassert_hash = redis.register_script(_REASSERT_HASH)
         self._reassert_set = redis.register_script(_REASSERT_SET)
         self._beats = 0
+        self._lookup_lane = Lane(redis)  # the batched lookups of the hot path
+        self._beat_lane = Lane(redis)  # the heartbeat's re-assertion (large batches)
         self._reassert_next = True  # the first beat re-asserts
         self._prefix = keys.node_alive_prefix()
         self._locating: list[tuple[Sequence[str], _Located]] = []
@@ -313,9 +316,14 @@ class RedisPresence:
         wanted = list(dict.fromkeys(u for users, _ in batch for u in users))
         try:
             found: dict[str, dict[str, Location]] = {}
-            for i in range(0, len(wanted), LOCATE_CHUNK):
-                chunk = wanted[i : i + LOCATE_CHUNK]
-                rows = await self._live(keys=[keys.devices(u) for u in chunk], args=[self._prefix])
+            chunks = [wanted[i : i + LOCATE_CHUNK] for i in range(0, len(wanted), LOCATE_CHUNK)]
+            calls: list[ScriptCall] = [
+                (self._live, [keys.devices(u) for u in chunk], [self._prefix]) for chunk in chunks
+            ]
+            replies = await run_scripts(self._redis, self._lookup_lane, calls)
+            for chunk, rows in zip(chunks, replies, strict=True):
+                if isinstance(rows, Exception):
+                    raise rows
                 found.update({u: dict(_pairs(row)) for u, row in zip(chunk, rows, strict=True)})
         except BaseException as exc:  # cancelled too: no caller may wait forever
             for _, fut in batch:
@@ -423,7 +431,7 @@ class RedisPresence:
                 for row in chunk:
                     args.extend(row[1:])
                 calls.append((script, [row[0] for row in chunk], args))
-        for res in await run_scripts(self._redis, calls):
+        for res in await run_scripts(self._redis, self._beat_lane, calls):
             if isinstance(res, Exception):
                 raise res
         self._reassert_next = False
@@ -462,3 +470,5 @@ class RedisPresence:
             if not fut.done():
                 fut.set_exception(ConnectionError("presence closed"))
         self._locating = []
+        await self._lookup_lane.close()
+        await self._beat_lane.close()

@@ -1,9 +1,7 @@
-"""Lua scripts in pipelines without redis-py's extra round trip.
-
-redis-py's pipeline sends ``SCRIPT EXISTS`` before every execution that contains a script:
-one more round trip per batch.  Here scripts go out as plain EVALSHA; the entries that come
-back NOSCRIPT (Redis restarted and lost its script cache) did not run, so they are loaded
-and run again.
+"""Lua scripts in batches, by EVALSHA on a ``Lane`` (no ``SCRIPT EXISTS`` round trip, which
+redis-py's pipeline sends before every batch holding a script).  The entries that come back
+NOSCRIPT (Redis restarted and lost its script cache) did not run, so they are loaded and run
+again.
 """
 
 from __future__ import annotations
@@ -15,24 +13,31 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from .lane import Lane
+
 ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]  # script, keys, args
 
 
-async def run_scripts(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+def evalsha(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    return ["EVALSHA", script.sha, len(keys), *keys, *args]
+
+
+async def run_scripts(redis: Redis, lane: Lane, calls: Sequence[ScriptCall]) -> list[Any]:
     """Each call's reply, in order; a failed call's reply is its exception (never raised
-    here, except when the pipeline itself fails: then that is raised)."""
-    results = await _run(redis, calls)
-    again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    here, except when the connection fails: then that is raised).  ``redis`` loads scripts
+    Redis forgot."""
+    results = await lane.execute([evalsha(*call) for call in calls])
+    again = [i for i, r in enumerate(results) if is_noscript(r)]
     if again:
         for script in {id(calls[i][0]): calls[i][0] for i in again}.values():
             script.sha = await redis.script_load(script.script)
-        for i, res in zip(again, await _run(redis, [calls[i] for i in again]), strict=True):
+        retried = await lane.execute([evalsha(*calls[i]) for i in again])
+        for i, res in zip(again, retried, strict=True):
             results[i] = res
     return results
 
 
-async def _run(redis: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    pipe = redis.pipeline(transaction=False)
-    for script, keys, args in calls:
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-    return list(await pipe.execute(raise_on_error=False))
+def is_noscript(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
+    )
