@@ -75,6 +75,7 @@ class Runtime:
                 memory_rate_limiter(settings.rate_limit),
                 [],
             )
+        from .backends.lane import Lane
         from .backends.redis_backplane import RedisBackplane
         from .backends.redis_client import make_client
         from .backends.redis_limits import redis_rate_limiter
@@ -87,6 +88,9 @@ class Runtime:
             socket_timeout=settings.inbox_block_ms / 1000 + timeout + 5,
         )
         stats = PromStats()
+        # one connection for the hot path's batches: limiter, lookups and writes of a tick
+        # travel together
+        hot = Lane(redis)
         backplane = RedisBackplane(
             redis,
             reader,
@@ -97,14 +101,15 @@ class Runtime:
             read_count=settings.inbox_read_count,
             block_ms=settings.inbox_block_ms,
             stats=stats,
+            lane=hot,
         )
         return cls(
             settings,
             RedisPresence(
-                redis, settings.presence_ttl, settings.resume_window, settings.keep_ttl
+                redis, settings.presence_ttl, settings.resume_window, settings.keep_ttl, hot
             ),
             backplane,
-            redis_rate_limiter(url, redis, settings.rate_limit),
+            redis_rate_limiter(url, redis, settings.rate_limit, hot),
             [redis, reader],
         )
 

@@ -1,43 +1,58 @@
-"""A dedicated Redis connection for one batching task.
+"""A dedicated Redis connection shared by the hot path's batchers.
 
 Every hot-path batch (the rate limiter's acquisitions, the presence lookups, the backplane's
-XADDs of one loop tick) is one round trip.  Through redis-py's client, pool and pipeline
+XADDs of one loop tick) is one ``execute``.  Through redis-py's client, pool and pipeline
 layers a round trip costs this process ~130-160 µs of CPU; on a connection of its own, with
 the commands packed and the replies read by redis-py's connection (hiredis parser), about
-half.  A lane keeps that connection, sends one batch at a time, and reconnects after any
-failure.  No retries: the caller learns of every failure (a retried XADD would duplicate).
+half.  And the batches that different batchers submit in the same loop tick travel together:
+under load the limiter's batch for new messages, the lookups for the messages admitted a
+tick ago and the XADDs of the ones looked up before that are one write and one read.
+
+One sender task per lane owns the connection (reconnecting after a failure).  No retries:
+every failure reaches its caller (a retried XADD would duplicate a message).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 Command = Sequence[Any]
+IDLE_CHECK_S = 2.0  # a connection idle this long is replaced before use
+_Batch = tuple[Sequence[Command], "asyncio.Future[list[Any]]"]
 
 
 class Lane:
-    def __init__(self, redis: Redis, timeout: float | None = None) -> None:
+    def __init__(self, redis: Redis) -> None:
         """``redis``: the client whose pool settings (address, auth, timeouts) to use."""
         self._pool = redis.connection_pool
-        self._timeout = timeout
         self._conn: AbstractConnection | None = None
-        self._lock = asyncio.Lock()
+        self._queue: list[_Batch] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.round_trips = 0  # for tests and benchmarks
+        self._used = 0.0  # when the connection last carried a batch (monotonic)
+        self._stale = False  # see ``reset``
 
     async def connect(self) -> None:
         """Open the connection now (else the first batch does)."""
-        async with self._lock:
-            if self._conn is None and not self._closed:
-                conn = self._pool.make_connection()
-                await conn.connect()
-                self._conn = conn
+        if self._conn is None and not self._closed:
+            self._conn = await self._open()
+            self._used = time.monotonic()
+
+    async def _open(self) -> AbstractConnection:
+        conn = self._pool.make_connection()
+        await conn.connect()
+        return conn
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """The reply of each command, in order; an error reply is returned as its
@@ -45,32 +60,104 @@ class Lane:
         outcome of the batch is then unknown)."""
         if not commands:
             return []
-        async with self._lock:
-            if self._closed:
-                raise ConnectionError("lane closed")
-            conn = self._conn
-            if conn is None:
-                conn = self._pool.make_connection()
-                await conn.connect()
-                self._conn = conn
-            try:
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                out: list[Any] = []
-                for _ in commands:
-                    try:
-                        out.append(await conn.read_response(timeout=self._timeout))
-                    except ResponseError as exc:
-                        out.append(exc)
-                return out
-            except BaseException:
-                self._conn = None
+        if self._closed:
+            raise ConnectionError("lane closed")
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, fut))
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            batches, self._queue = self._queue, []
+            if batches:
+                await self._round_trip(batches)
+
+    async def _round_trip(self, batches: list[_Batch]) -> None:
+        commands: list[Command] = [cmd for cmds, _ in batches for cmd in cmds]
+        try:
+            replies = await self._send(commands)
+        except BaseException as exc:
+            broken, self._conn = self._conn, None
+            if broken is not None:
                 with contextlib.suppress(Exception):
-                    await conn.disconnect()
+                    await broken.disconnect()
+            for _, fut in batches:
+                if not fut.done():
+                    fut.set_exception(
+                        exc if isinstance(exc, Exception) else ConnectionError("lane closed")
+                    )
+            if not isinstance(exc, Exception):
                 raise
+            return
+        i = 0
+        for cmds, fut in batches:
+            if not fut.done():
+                fut.set_result(replies[i : i + len(cmds)])
+            i += len(cmds)
+
+    async def _send(self, commands: list[Command]) -> list[Any]:
+        now = time.monotonic()
+        if self._conn is not None and (self._stale or now - self._used > IDLE_CHECK_S):
+            await self._drop()  # idle or reset: a new connection (see IDLE_CHECK_S)
+        self._used = now
+        reused = self._conn is not None
+        if self._conn is None:
+            self._conn = await self._open()
+        try:
+            return await self._exchange(self._conn, commands)
+        except RedisConnectionError as exc:
+            if not reused or exc.args[:1] == ("partial",):
+                raise
+            # The reused connection was dead (Redis restarted: a closed socket does not
+            # always look it): nothing of the batch reached a server that could run it,
+            # so it goes once more, on a new connection.
+            await self._drop()
+            self._conn = await self._open()
+            return await self._exchange(self._conn, commands)
+
+    async def _exchange(self, conn: AbstractConnection, commands: list[Command]) -> list[Any]:
+        self.round_trips += 1
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+            except RedisConnectionError as exc:
+                if replies:  # some ran: the outcome of the rest is unknown, no retry
+                    raise RedisConnectionError("partial") from exc
+                raise
+        return replies
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        self._stale = False
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    def reset(self) -> None:
+        """Redis restarted (or is failing): the next batch opens a new connection instead
+        of finding out on this one, which may be dead without looking it."""
+        self._stale = True
 
     async def close(self) -> None:
-        """Safe to call twice."""
+        """Safe to call twice (the lane is shared: its first closer ends it)."""
         self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        for _, fut in self._queue:
+            if not fut.done():
+                fut.set_exception(ConnectionError("lane closed"))
+        self._queue = []
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):

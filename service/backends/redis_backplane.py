@@ -101,6 +101,7 @@ class RedisBackplane:
         read_count: int = 512,
         block_ms: int = 1000,
         stats: Stats | None = None,
+        lane: Lane | None = None,
     ) -> None:
         """``reader`` must be a client of its own whose socket timeout exceeds ``block_ms``.
         ``ttl``: how long this worker's inbox outlives its last heartbeat (so that a device
@@ -111,7 +112,7 @@ class RedisBackplane:
         self._keep_max = keep_max
         self._keep_ttl = keep_ttl or ttl
         self._reader = reader
-        self._lane = Lane(redis)  # the writer's own connection
+        self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._ttl = ttl
         self._maxlen = maxlen

@@ -41,14 +41,16 @@ LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
 
 
 class RedisLimiter:
-    def __init__(self, storage: RedisStorage, redis: Redis, rate: str) -> None:
+    def __init__(
+        self, storage: RedisStorage, redis: Redis, rate: str, lane: Lane | None = None
+    ) -> None:
         """``storage`` must be ``limits``' redis-py storage on the same server as ``redis``
         (whose pipelines carry the batched calls)."""
         self._storage = storage
         self._redis = redis
         self._item = parse(rate)
         self._strategy = MovingWindowRateLimiter(storage)
-        self._lane = Lane(redis)
+        self._lane = lane or Lane(redis)
         self._pending: dict[str, list[Waiter]] = {}
         self._flushing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -184,7 +186,9 @@ class RedisLimiter:
             await closer()
 
 
-def redis_rate_limiter(url: str, redis: Redis, rate: str) -> RedisLimiter:
+def redis_rate_limiter(
+    url: str, redis: Redis, rate: str, lane: Lane | None = None
+) -> RedisLimiter:
     scheme, rest = url.split("://", 1)
     storage = RedisStorage(
         f"async+{scheme}://{rest}",
@@ -192,4 +196,4 @@ def redis_rate_limiter(url: str, redis: Redis, rate: str) -> RedisLimiter:
         key_prefix=LIMITS_PREFIX,
         connection_pool=redis.connection_pool,  # type: ignore[arg-type]
     )
-    return RedisLimiter(storage, redis, rate)
+    return RedisLimiter(storage, redis, rate, lane)

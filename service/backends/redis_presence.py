@@ -228,7 +228,12 @@ def _pairs(row: list[bytes]) -> Iterable[tuple[str, Location]]:
 
 class RedisPresence:
     def __init__(
-        self, redis: Redis, ttl: int, resume_window: int = 30, keep_ttl: int | None = None
+        self,
+        redis: Redis,
+        ttl: int,
+        resume_window: int = 30,
+        keep_ttl: int | None = None,
+        lane: Lane | None = None,
     ) -> None:
         """``ttl``: PRESENCE_TTL (a worker's liveness); ``keep_ttl``: the TTL of entries that
         must outlive a dead worker through its resume window."""
@@ -247,7 +252,7 @@ class RedisPresence:
         self._reassert_hash = redis.register_script(_REASSERT_HASH)
         self._reassert_set = redis.register_script(_REASSERT_SET)
         self._beats = 0
-        self._lookup_lane = Lane(redis)  # the batched lookups of the hot path
+        self._lookup_lane = lane or Lane(redis)  # the batched lookups (the hot path's lane)
         self._beat_lane = Lane(redis)  # the heartbeat's re-assertion (large batches)
         self._reassert_next = True  # the first beat re-asserts
         self._prefix = keys.node_alive_prefix()
@@ -406,7 +411,10 @@ class RedisPresence:
             was_alive = (await pipe.execute())[0] is not None
         except Exception:
             self._reassert_next = True  # whatever Redis lost meanwhile comes back first
+            self._lookup_lane.reset()
             raise
+        if not was_alive:  # Redis restarted (or this worker stalled): fresh connections
+            self._lookup_lane.reset()
         self._beats += 1
         if was_alive and not self._reassert_next and self._beats % REASSERT_EVERY:
             return

@@ -1,0 +1,53 @@
+"""The hot path's lane: batches of one tick share a round trip; a Redis restart costs no
+batch on a connection that was fine a moment ago."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.backends.lane import Lane
+from service.backends.redis_client import make_client
+from tests.support import start_redis
+
+
+async def test_batches_of_one_tick_share_a_round_trip(redis_url: str) -> None:
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    a, b, c = await asyncio.gather(
+        lane.execute([["SET", "lane-a", "1"], ["GET", "lane-a"]]),
+        lane.execute([["INCR", "lane-a"]]),
+        lane.execute([["HSET", "lane-a", "f", "v"]]),  # wrong type: an error reply
+    )
+    assert a == [b"OK", b"1"] and b == [2]
+    assert isinstance(c[0], Exception) and "WRONGTYPE" in str(c[0])
+    assert lane.round_trips == 1
+    await lane.close()
+    await lane.close()  # safe twice
+    await redis.delete("lane-a")
+    await redis.aclose()
+
+
+async def test_a_restart_between_two_batches_is_not_an_error() -> None:
+    server = start_redis()
+    try:
+        redis = make_client(server.url, timeout=1.0)
+        lane = Lane(redis)
+        assert await lane.execute([["PING"]]) == [b"PONG"]
+        port = server.port
+        server.stop()
+        server = start_redis(port=port)
+        assert await lane.execute([["PING"]]) == [b"PONG"]  # within the idle window
+        server.stop()
+        try:
+            await lane.execute([["PING"]])
+            raise AssertionError("Redis is down: the batch must fail")
+        except ConnectionError:
+            pass
+        except Exception as exc:  # redis-py's ConnectionError is not the builtin one
+            assert "onnect" in type(exc).__name__, exc
+        server = start_redis(port=port)
+        assert await lane.execute([["PING"]]) == [b"PONG"]
+        await lane.close()
+        await redis.aclose()
+    finally:
+        server.stop()
