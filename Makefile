@@ -63,11 +63,11 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests/core
 
 lint: install
-	$(BIN)/ruff check service tests
+	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
 
 fmt: install
-	$(BIN)/ruff check --fix service tests
+	$(BIN)/ruff check --fix service tests bench
 
 ## build-prod: the project's wheel in dist/
 build-prod: install
