@@ -9,7 +9,6 @@ import contextlib
 import logging
 import secrets
 import time
-import weakref
 from typing import Any
 
 import sanic.server.protocols.websocket_protocol as _ws_protocol
@@ -143,8 +142,10 @@ class LeanWebsocket(WebsocketImplProtocol):
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
         self.io_proto = io_proto
-        # Frames are parsed here, not by websockets: its parser (a generator) can go.
+        # Frames are parsed here, not by websockets: its parser (a generator) and its
+        # receive buffer can go (nothing below calls websockets' receive side or ``fail``).
         self.ws_proto.parser = None  # type: ignore[assignment]
+        self.ws_proto.reader = None  # type: ignore[assignment]
         self.loop = loop or asyncio.get_running_loop()
         # The HTTP protocol's two asyncio.Events (a deque each) and its last timeout timer
         # serve HTTP requests only; this socket is a websocket now, written directly.
@@ -312,10 +313,19 @@ class LeanWebsocket(WebsocketImplProtocol):
             waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.ws_proto.state is not _ws_protocol.CLOSED:
-            self.ws_proto.fail(code=1006)
-            self.ws_proto.state = _ws_protocol.CLOSED
+        self.ws_proto.state = _ws_protocol.CLOSED
+        PINGER.discard(self)
         self.wake()
+
+    def fail_connection(self, code: int = 1006, reason: str = "") -> bool:
+        """Sanic's version goes through websockets' ``fail`` (its receive side is gone)."""
+        if code == 1006:
+            self.ws_proto.state = _ws_protocol.CLOSED
+            self._send_now([b""])
+            self.wake()
+        else:
+            self._fail(code, reason)
+        return True
 
     def eof_received(self) -> bool | None:
         self.wake()
@@ -350,8 +360,11 @@ class Pinger:
     after its ``ping_timeout`` is failed with 1011."""
 
     def __init__(self) -> None:
-        self._sockets: weakref.WeakSet[LeanWebsocket] = weakref.WeakSet()
+        self._sockets: set[LeanWebsocket] = set()  # left in ``connection_lost``
         self._task: asyncio.Task[None] | None = None
+
+    def discard(self, ws: LeanWebsocket) -> None:
+        self._sockets.discard(ws)
 
     def add(self, ws: LeanWebsocket) -> None:
         self._sockets.add(ws)

@@ -225,7 +225,7 @@ class Hub:
         missed += await self.presence.take_kept(session.user_id, session.device_id)
         for room in await self.presence.adopt_rooms(session.member, prev, session.location):
             self.rooms.setdefault(room, {})[session.member] = session
-            session.rooms.add(room)
+            session.rooms[room] = None
         return missed
 
     async def disconnect(self, session: Session, park: bool = False) -> None:
@@ -393,14 +393,14 @@ class Hub:
             return None
         others.pop(session.member, None)
         self.rooms.setdefault(room, {})[session.member] = session
-        session.rooms.add(room)
+        session.rooms[room] = None
         frame = encode({"type": "joined", "room": room, "user_id": session.user_id,
                         "device_id": session.device_id})
         await self.send_members(room, others, frame)
         return others
 
     def _forget_local(self, session: Session, room: str) -> None:
-        session.rooms.discard(room)
+        session.rooms.pop(room, None)
         local_room = self.rooms.get(room)
         if local_room is not None and local_room.get(session.member) is session:
             del local_room[session.member]

@@ -68,7 +68,9 @@ class Session:
         # consecutive rate-limited messages (sustained abuse closes with 1008)
         self.strikes = 0
         # rooms joined, and watched users with the device list last reported for each
-        self.rooms: set[str] = set()
+        # rooms as dict keys, an ordered set (an empty dict is a third of an empty set: this
+        # is per idle connection)
+        self.rooms: dict[str, None] = {}
         self.watching: dict[str, tuple[str, ...]] = {}
         self.expiry_notified = False
         # while connecting, live traffic waits here so that welcome and kept messages go first
