@@ -13,6 +13,7 @@ from typing import Any
 
 import sanic.server.protocols.websocket_protocol as _ws_protocol
 from sanic import Request
+from sanic.compat import Header
 from sanic.response import HTTPResponse, json
 from sanic.server.websockets.impl import WebsocketImplProtocol
 from websockets.frames import Close as WSClose
@@ -528,12 +529,30 @@ def _closed_by_flush(code: int, reason: str) -> None:
     (``on_ready`` is called on close), after the frames queued before it."""
 
 
+_NO_HEADERS = Header()
+
+
+def _forget_request(request: Request) -> None:
+    """After the upgrade nothing reads the request again, but Sanic keeps it (and its
+    protocol the URL) for the connection's lifetime: drop what is big, and the token with
+    it.  Worth ~1 KB per idle connection."""
+    request.head = b""
+    request.raw_url = b""
+    request.headers = _NO_HEADERS
+    request.parsed_args.clear()
+    request.parsed_not_grouped_args.clear()
+    request.parsed_token = None
+    protocol = getattr(request.transport, "get_protocol", lambda: None)()
+    if protocol is not None and hasattr(protocol, "websocket_url"):
+        protocol.websocket_url = None  # only the access log (off) reads it
+
+
 async def websocket_handler(request: Request, ws: Any) -> None:
     """One connection from welcome to goodbye.  Every exception ends here: nothing a client
     does reaches Sanic's error logger (which would print the URL)."""
     rt: Runtime = request.app.ctx.runtime
     identity: Identity = request.ctx.identity
-    request.head = b""  # the raw request head (with the token) is not needed any more
+    _forget_request(request)
     # opaque to clients; the node prefix tells operators (and tests) which worker holds it
     conn_id = f"{rt.node_id}.{secrets.token_urlsafe(9)}"
 

@@ -272,9 +272,11 @@ async def test_sanic_two_workers_route_and_metrics_cover_all_workers(redis_url: 
                 await offer_ok(src, dst, f"x{i}", {"sdp": f"v=0 cross {i}", "type": "offer"})
             offers = len(pairs)
             n = len(clients)
-            # the sent counter moves just after the write the client already read: settle
+            # counters reach Prometheus within metrics.FLUSH_S of the traffic, per worker
             wait_until(lambda: metric(scrape(server), "signaling_messages_sent_total")
                        >= n + 2 * offers, 3)
+            wait_until(lambda: metric(scrape(server), "signaling_messages_received_total",
+                                      type="offer") >= offers, 3)
             for _ in range(6):  # each scrape is a new connection: any worker may answer
                 samples = scrape(server)
                 assert metric(samples, "signaling_active_connections") == n
