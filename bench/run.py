@@ -231,23 +231,20 @@ class Bench:
 
     # -- scenarios
 
-    def relay(self) -> None:
-        for label in self.args.servers or SINGLE:
-            if label not in SINGLE:
+    def _closed_loop(self, scenario: str, servers: dict[str, tuple[str, Starter]]) -> None:
+        for label in self.args.servers or servers:
+            if label not in servers:
                 continue
-            proto, starter = SINGLE[label]
+            proto, starter = servers[label]
             for n in self.args.conns:
-                self.one("relay", label, proto, starter, n,
+                self.one(scenario, label, proto, starter, n,
                          idle_s=self.args.idle if n >= 10000 else 0.0)
 
+    def relay(self) -> None:
+        self._closed_loop("relay", SINGLE)
+
     def cross(self) -> None:
-        for label in self.args.servers or CROSS:
-            if label not in CROSS:
-                continue
-            proto, starter = CROSS[label]
-            for n in self.args.conns:
-                self.one("cross", label, proto, starter, n,
-                         idle_s=self.args.idle if n >= 10000 else 0.0)
+        self._closed_loop("cross", CROSS)
 
     def latency(self) -> None:
         for label in self.args.servers or CROSS:

@@ -220,7 +220,7 @@ class LeanWebsocket(WebsocketImplProtocol):
                         return self._fail(1007, "invalid UTF-8")
                     inbox.append((self._fragment_text, message))
             elif op == 9:
-                self._write(_PONG_HEAD + bytes((len(payload),)) + payload)
+                self._send_now([_PONG_HEAD + bytes((len(payload),)) + payload])
             elif op == 10:
                 self.ping_sent_at = 0.0
             elif op == 8:
@@ -260,9 +260,6 @@ class LeanWebsocket(WebsocketImplProtocol):
         proto.close_rcvd = WSClose(1006, "")  # the read loop ends
         self._send_now([b""])
         self.wake()
-
-    def _write(self, chunk: bytes) -> None:
-        self._send_now([chunk])
 
     def _send_now(self, chunks: list[bytes]) -> None:
         """Write protocol output (pongs, close frames); an empty chunk means: the close

@@ -26,8 +26,8 @@ from redis.exceptions import ResponseError
 from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
 from . import keys
 from .lane import Lane
-from .redis_presence import _ALIVE
-from .scripts import evalsha, is_noscript
+from .redis_presence import _ALIVE, _s
+from .scripts import evalsha, execute
 
 log = logging.getLogger("signaling.backplane")
 
@@ -49,10 +49,6 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _stream_id(v: bytes | str) -> tuple[int, int]:
@@ -219,7 +215,6 @@ class RedisBackplane:
     async def _flush(self, batch: list[_Pending]) -> None:
         """One round trip for the whole tick: XADDs and keep scripts, in order."""
         calls: list[list[Any]] = []
-        spans: list[int] = []
         maxlen = str(self._maxlen)
         for key, fields, frame, _ in batch:
             if fields is not None:
@@ -235,15 +230,8 @@ class RedisBackplane:
                     [keys.devices(user), key],
                     [device, frame, self._keep_max, self._keep_ttl, keys.node_alive_prefix()],
                 ))
-            spans.append(1)
         try:
-            results = await self._lane.execute(calls)
-            if any(is_noscript(r) for r in results):  # Redis restarted: it forgot the script
-                self._keep_script.sha = await self._redis.script_load(self._keep_script.script)
-                again = [i for i, r in enumerate(results) if is_noscript(r)]
-                for i, res in zip(again, await self._lane.execute([calls[i] for i in again]),
-                                  strict=True):
-                    results[i] = res
+            results = await execute(self._redis, self._lane, calls, [self._keep_script])
         except Exception as exc:
             self._stats.backplane_error("xadd")
             for *_, fut in batch:
@@ -252,19 +240,16 @@ class RedisBackplane:
                         ConnectionError(f"backplane write failed: {type(exc).__name__}")
                     )
             return
-        i = 0
-        for (_, fields, _, fut), span in zip(batch, spans, strict=True):
-            res = results[i : i + span]
-            i += span
+        for (_, fields, _, fut), res in zip(batch, results, strict=True):
             if fut.done():
                 continue
-            if any(isinstance(r, Exception) for r in res):
+            if isinstance(res, Exception):
                 self._stats.backplane_error("xadd")
                 fut.set_exception(ConnectionError("backplane write failed"))
             else:
                 # XADD: nil when the inbox is gone; keep: 0 when the device is no longer
                 # parked (it resumed meanwhile: the caller routes it again)
-                fut.set_result(res[0] is not None if fields is not None else res[0] == 1)
+                fut.set_result(res is not None if fields is not None else res == 1)
 
     # ------------------------------------------------------------------ reading
 

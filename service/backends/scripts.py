@@ -6,7 +6,7 @@ again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -24,14 +24,23 @@ def evalsha(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> li
 
 async def run_scripts(redis: Redis, lane: Lane, calls: Sequence[ScriptCall]) -> list[Any]:
     """Each call's reply, in order; a failed call's reply is its exception (never raised
-    here, except when the connection fails: then that is raised).  ``redis`` loads scripts
-    Redis forgot."""
-    results = await lane.execute([evalsha(*call) for call in calls])
+    here, except when the connection fails: then that is raised)."""
+    scripts = {id(script): script for script, _, _ in calls}.values()
+    return await execute(redis, lane, [evalsha(*call) for call in calls], scripts)
+
+
+async def execute(
+    redis: Redis, lane: Lane, commands: Sequence[Sequence[Any]], scripts: Iterable[AsyncScript]
+) -> list[Any]:
+    """``lane.execute`` for commands among which are EVALSHAs of ``scripts``: the ones
+    that come back NOSCRIPT are run again once ``redis`` has loaded the scripts (a
+    script's sha is its text's, so the commands stay as they are)."""
+    results = await lane.execute(commands)
     again = [i for i, r in enumerate(results) if is_noscript(r)]
     if again:
-        for script in {id(calls[i][0]): calls[i][0] for i in again}.values():
-            script.sha = await redis.script_load(script.script)
-        retried = await lane.execute([evalsha(*calls[i]) for i in again])
+        for script in scripts:
+            await redis.script_load(script.script)
+        retried = await lane.execute([commands[i] for i in again])
         for i, res in zip(again, retried, strict=True):
             results[i] = res
     return results

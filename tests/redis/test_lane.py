@@ -7,6 +7,7 @@ import asyncio
 
 from service.backends.lane import Lane
 from service.backends.redis_client import make_client
+from service.backends.scripts import run_scripts
 from tests.support import start_redis
 
 
@@ -51,3 +52,14 @@ async def test_a_restart_between_two_batches_is_not_an_error() -> None:
         await redis.aclose()
     finally:
         server.stop()
+
+
+async def test_scripts_redis_forgot_are_loaded_and_run_again(redis_url: str) -> None:
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    script = redis.register_script("return ARGV[1] + 1")
+    assert await run_scripts(redis, lane, [(script, [], [1])]) == [2]
+    await redis.script_flush()  # what a restart without persistence does to the cache
+    assert await run_scripts(redis, lane, [(script, [], [41]), (script, [], [1])]) == [42, 2]
+    await lane.close()
+    await redis.aclose()
