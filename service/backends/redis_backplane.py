@@ -1,13 +1,16 @@
 """Cross-worker delivery through Redis Streams consumer groups (no pub/sub).
 
 Each worker owns one inbox stream ``sig:inbox:<node>`` with consumer group ``sig``.  Senders
-``XADD … NOMKSTREAM MAXLEN ~ N`` to the inbox of the worker that holds the recipient; every
-``send`` of one event-loop tick goes out in one pipeline, in submission order, from a single
-writer task (so one sender's messages keep their order).  The reader ``XREADGROUP … BLOCK``s on
-its own connection (socket timeout above the block time) and hands entries to the hub; it
-``XACK``s them with its next read (one round trip) and trims the stream below them
-(``XTRIM MINID ~``: whole stream nodes only, much cheaper for Redis than ``XDEL``), so
-payloads stay in Redis while in transit and at most one stream node (~100 entries) longer.
+``XADD … NOMKSTREAM MAXLEN ~ N`` to the inbox of the worker that holds the recipient.  Every
+``send`` of one event-loop tick goes out in one round trip, from a single writer task, and
+the envelopes of one tick bound for the same inbox travel as one stream entry (a msgpack
+array, at most ENTRY_ENVELOPES of them, ENTRY_BYTES of frames): one XADD, one entry id, one
+acknowledgement for the lot, and one sender's messages keep their order.  The reader
+``XREADGROUP … BLOCK``s on its own connection (socket timeout above the block time) and hands
+envelopes to the hub; it ``XACK``s them with its next read (one round trip) and trims the
+stream below them (``XTRIM MINID ~``: whole stream nodes only, much cheaper for Redis than
+``XDEL``), so payloads stay in Redis while in transit and at most one stream node (~100
+entries) longer.
 
 NOMKSTREAM is what makes a send to a dead worker fail loudly: its inbox expired (the TTL is
 refreshed by its heartbeat), the XADD returns nil and the sender gets ``peer_offline``.
@@ -18,23 +21,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
 from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
 from . import keys
-from .lane import Lane
+from .lane import Lane, exchange
 from .redis_presence import _ALIVE, _s
 from .scripts import evalsha, execute
 
 log = logging.getLogger("signaling.backplane")
 
-# (stream or kept-list key, XADD fields or None for a kept frame, frame, future)
-_Pending = tuple[str, "dict[bytes, bytes] | None", bytes, "asyncio.Future[bool]"]
+# (stream or kept-list key, the envelope or None for a kept frame, frame, future)
+_Pending = tuple[str, "Envelope | None", bytes, "asyncio.Future[bool]"]
 _KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "kicked": b"K", "presence": b"p"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
+_KIND_S = {k: v.decode() for k, v in _KIND.items()}
+_KIND_S_BACK = {v: k for k, v in _KIND_S.items()}
+# Bounds of one stream entry (so MAXLEN bounds the inbox in bytes too): envelopes, and the
+# bytes of their frames (a larger frame travels alone).
+ENTRY_ENVELOPES = 64
+ENTRY_BYTES = 64 * 1024
+BATCH_FIELD = b"b"
+# kind, user, devices (","-joined), frame, conn, ts
+_Row = tuple[str, str, str, bytes, str, int]
+_encoder = msgspec.msgpack.Encoder()
+_rows = msgspec.msgpack.Decoder(list[_Row])
 
 
 # KEYS: the user's device hash, the device's kept list; ARGV: device, frame, max, ttl,
@@ -73,6 +90,7 @@ def encode_envelope(env: Envelope) -> dict[bytes, bytes]:
 
 
 def decode_envelope(fields: dict[bytes, bytes]) -> Envelope:
+    """A single-envelope entry (the format before batches; still read)."""
     devices = fields.get(b"d", b"").decode()
     return Envelope(
         _KIND_BACK[fields[b"k"]],
@@ -82,6 +100,53 @@ def decode_envelope(fields: dict[bytes, bytes]) -> Envelope:
         fields.get(b"c", b"").decode(),
         int(fields.get(b"t", b"0") or 0),
     )
+
+
+def encode_batch(envelopes: list[Envelope]) -> bytes:
+    """The value of one entry's BATCH_FIELD: the envelopes as one msgpack array."""
+    return _encoder.encode([
+        (_KIND_S[e.kind], e.user, ",".join(e.devices), e.frame, e.conn, e.ts)  # no "," in ids
+        for e in envelopes
+    ])
+
+
+def decode_entry(fields: Any) -> list[Envelope]:
+    """The envelopes of one stream entry (``fields``: the flat field/value list of the
+    reply, or a dict); raises on an entry that is not ours."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    batch = fields.get(BATCH_FIELD)
+    if batch is None:
+        return [decode_envelope(fields)]
+    return [
+        Envelope(_KIND_S_BACK[k], u, tuple(d.split(",")) if d else (), f, c, t)
+        for k, u, d, f, c, t in _rows.decode(batch)
+    ]
+
+
+def _entries(reply: Any) -> Iterator[tuple[Any, Any]]:
+    """(id, fields) of an XREADGROUP reply: RESP3 (a map) or RESP2 (pairs); nil: none."""
+    if not reply:
+        return
+    streams = reply.values() if isinstance(reply, dict) else (e for _, e in reply)
+    for entries in streams:
+        yield from entries
+
+
+def _bounded(items: list[_Pending]) -> Iterator[list[_Pending]]:
+    """``items`` in order, cut into runs within ENTRY_ENVELOPES and ENTRY_BYTES."""
+    run: list[_Pending] = []
+    size = 0
+    for item in items:
+        env = item[1]
+        n = len(env.frame) if env is not None else 0
+        if run and (len(run) >= ENTRY_ENVELOPES or size + n > ENTRY_BYTES):
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += n
+    if run:
+        yield run
 
 
 class RedisBackplane:
@@ -110,6 +175,7 @@ class RedisBackplane:
         self._reader = reader
         self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
+        self._conn: AbstractConnection | None = None  # the reader's own connection
         self._ttl = ttl
         self._maxlen = maxlen
         self._count = read_count
@@ -157,20 +223,18 @@ class RedisBackplane:
     def send(self, node: str, envelope: Envelope) -> asyncio.Future[bool]:
         """Queue for this tick's pipeline; the future says whether ``node``'s inbox took it
         (False: that worker is gone) or raises if Redis failed (outcome unknown)."""
-        return self._submit(keys.inbox(node), encode_envelope(envelope), b"")
+        return self._submit(keys.inbox(node), envelope, b"")
 
     def keep(self, user: str, device: str, frame: bytes) -> asyncio.Future[bool]:
         """Keep a frame for a parked device, in the same ordered pipeline as ``send``."""
         return self._submit(keys.kept(user, device), None, frame)
 
-    def _submit(
-        self, key: str, fields: dict[bytes, bytes] | None, frame: bytes
-    ) -> asyncio.Future[bool]:
+    def _submit(self, key: str, env: Envelope | None, frame: bytes) -> asyncio.Future[bool]:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self._closed:
             fut.set_exception(ConnectionError("backplane closed"))
             return fut
-        self._pending.append((key, fields, frame, fut))
+        self._pending.append((key, env, frame, fut))
         self._wake.set()
         return fut
 
@@ -197,11 +261,13 @@ class RedisBackplane:
             if sid <= last and sid not in unacked:
                 continue  # delivered and acknowledged
             try:
-                env = decode_envelope(fields)
+                envelopes = decode_entry(fields)
             except Exception:
                 continue
-            if env.kind == "deliver" and env.user == user and device in env.devices:
-                out.append(env.frame)
+            out += [
+                env.frame for env in envelopes
+                if env.kind == "deliver" and env.user == user and device in env.devices
+            ]
         return out
 
     async def _write_loop(self) -> None:
@@ -213,23 +279,26 @@ class RedisBackplane:
                 await self._flush(batch)
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        """One round trip for the whole tick: XADDs and keep scripts, in order."""
+        """One round trip for the whole tick, in order: the sends to each inbox as few
+        entries as the bounds allow, each kept frame's script where it came (so a frame
+        kept for a parked device never overtakes one sent to it before)."""
         calls: list[list[Any]] = []
-        maxlen = str(self._maxlen)
-        for key, fields, frame, _ in batch:
-            if fields is not None:
-                cmd: list[Any] = ["XADD", key, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*"]
-                for name, value in fields.items():
-                    cmd.append(name)
-                    cmd.append(value)
-                calls.append(cmd)
-            else:
-                user, device = fields_of_kept(key)
-                calls.append(evalsha(
-                    self._keep_script,
-                    [keys.devices(user), key],
-                    [device, frame, self._keep_max, self._keep_ttl, keys.node_alive_prefix()],
-                ))
+        answers: list[tuple[bool, list[asyncio.Future[bool]]]] = []  # (is XADD, futures)
+        groups: dict[str, list[_Pending]] = {}
+        for item in batch:
+            key, env, frame, fut = item
+            if env is not None:
+                groups.setdefault(key, []).append(item)
+                continue
+            self._add_entries(groups, calls, answers)
+            user, device = fields_of_kept(key)
+            calls.append(evalsha(
+                self._keep_script,
+                [keys.devices(user), key],
+                [device, frame, self._keep_max, self._keep_ttl, keys.node_alive_prefix()],
+            ))
+            answers.append((False, [fut]))
+        self._add_entries(groups, calls, answers)
         try:
             results = await execute(self._redis, self._lane, calls, [self._keep_script])
         except Exception as exc:
@@ -240,16 +309,34 @@ class RedisBackplane:
                         ConnectionError(f"backplane write failed: {type(exc).__name__}")
                     )
             return
-        for (_, fields, _, fut), res in zip(batch, results, strict=True):
-            if fut.done():
-                continue
+        for (is_xadd, futs), res in zip(answers, results, strict=True):
             if isinstance(res, Exception):
                 self._stats.backplane_error("xadd")
-                fut.set_exception(ConnectionError("backplane write failed"))
-            else:
-                # XADD: nil when the inbox is gone; keep: 0 when the device is no longer
-                # parked (it resumed meanwhile: the caller routes it again)
-                fut.set_result(res is not None if fields is not None else res == 1)
+            for fut in futs:
+                if fut.done():
+                    continue
+                if isinstance(res, Exception):
+                    fut.set_exception(ConnectionError("backplane write failed"))
+                else:
+                    # XADD: nil when the inbox is gone; keep: 0 when the device is no
+                    # longer parked (it resumed meanwhile: the caller routes it again)
+                    fut.set_result(res is not None if is_xadd else res == 1)
+
+    def _add_entries(
+        self,
+        groups: dict[str, list[_Pending]],
+        calls: list[list[Any]],
+        answers: list[tuple[bool, list[asyncio.Future[bool]]]],
+    ) -> None:
+        """Turn the grouped sends into XADDs (appended to ``calls``) and empty ``groups``."""
+        maxlen = b"%d" % self._maxlen
+        for key, items in groups.items():
+            for chunk in _bounded(items):
+                envelopes = [env for _, env, _, _ in chunk if env is not None]
+                calls.append([b"XADD", key, b"NOMKSTREAM", b"MAXLEN", b"~", maxlen, b"*",
+                              BATCH_FIELD, encode_batch(envelopes)])
+                answers.append((True, [fut for *_, fut in chunk]))
+        groups.clear()
 
     # ------------------------------------------------------------------ reading
 
@@ -282,35 +369,49 @@ class RedisBackplane:
     async def _read_once(self) -> None:
         """One read; the acknowledgement of the previous read's entries (delivered to their
         sessions' outboxes by then) travels in the same round trip, before it."""
-        streams: Any = {self.inbox: ">"}
-        resp: Any
-        if self._unacked:
-            ids = self._unacked
-            ms, _, seq = _s(ids[-1]).partition("-")
-            pipe = self._reader.pipeline(transaction=False)
-            pipe.xack(self.inbox, keys.GROUP, *ids)
-            # every entry up to the last one read is acknowledged now (one reader, in order)
-            pipe.xtrim(self.inbox, minid=f"{ms}-{int(seq) + 1}", approximate=True)
-            pipe.xreadgroup(
-                keys.GROUP, keys.CONSUMER, streams, count=self._count, block=self._block
-            )
-            *_, resp = await pipe.execute()
-            self._unacked = []
-        else:
-            resp = await self._reader.xreadgroup(
-                keys.GROUP, keys.CONSUMER, streams, count=self._count, block=self._block
-            )
-        if not resp:
-            return
+        conn = self._conn
+        if conn is None:
+            conn = self._reader.connection_pool.make_connection()
+            await conn.connect()
+            self._conn = conn
+        read = [b"XREADGROUP", b"GROUP", keys.GROUP, keys.CONSUMER, b"COUNT", b"%d" % self._count,
+                b"BLOCK", b"%d" % self._block, b"STREAMS", self.inbox, b">"]
+        try:
+            if self._unacked:
+                ids = self._unacked
+                ms, _, seq = _s(ids[-1]).partition("-")
+                # every entry up to the last one read is acknowledged now (one reader, in
+                # order): the stream below it can go
+                *_, resp = await exchange(conn, [
+                    [b"XACK", self.inbox, keys.GROUP, *ids],
+                    [b"XTRIM", self.inbox, b"MINID", b"~", f"{ms}-{int(seq) + 1}"],
+                    read,
+                ])
+                self._unacked = []
+            else:
+                [resp] = await exchange(conn, [read])
+        except BaseException:
+            self._conn = None
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            raise
+        if isinstance(resp, Exception):
+            raise resp
         assert self._sink is not None
-        for _stream, entries in resp:
-            for entry_id, fields in entries:
-                self._unacked.append(entry_id)
+        for entry_id, fields in _entries(resp):
+            self._unacked.append(entry_id)
+            try:
+                envelopes = decode_entry(fields)
+            except Exception as exc:  # one bad entry must not stop the inbox
+                self._stats.backplane_error("decode")
+                log.warning("dropped an undecodable inbox entry: %s", type(exc).__name__)
+                continue
+            for env in envelopes:
                 try:
-                    self._sink(decode_envelope(fields))
-                except Exception as exc:  # one bad entry must not stop the inbox
+                    self._sink(env)
+                except Exception as exc:
                     self._stats.backplane_error("decode")
-                    log.warning("dropped an undecodable inbox entry: %s", type(exc).__name__)
+                    log.warning("an inbox envelope failed: %s", type(exc).__name__)
 
     async def close(self) -> None:
         """Stop reading and writing; pending sends fail.  Safe to call twice."""
@@ -326,6 +427,10 @@ class RedisBackplane:
             if not fut.done():
                 fut.set_exception(ConnectionError("backplane closed"))
         self._pending = []
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
         if self._node is not None:
             with contextlib.suppress(Exception):
                 await self._redis.delete(self.inbox)

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from service.backends import keys
-from service.backends.redis_backplane import RedisBackplane, encode_envelope
+from service.backends.redis_backplane import (
+    ENTRY_BYTES,
+    ENTRY_ENVELOPES,
+    RedisBackplane,
+    decode_entry,
+    encode_batch,
+    encode_envelope,
+)
 from service.backends.redis_client import make_client
 from service.core.contracts import Envelope
 
@@ -81,6 +88,44 @@ async def test_one_tick_of_sends_is_one_pipeline(make_bp: Any, monkeypatch: Any)
     await inbox_b.wait_for(50)
 
 
+async def _silent_inbox(redis: Any, node: str) -> str:
+    """An inbox nobody reads: what was written stays there to be looked at."""
+    inbox = keys.inbox(node)
+    await redis.xgroup_create(inbox, keys.GROUP, id="0", mkstream=True)
+    return inbox
+
+
+async def test_one_tick_to_one_inbox_is_one_entry_within_bounds(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    inbox = await _silent_inbox(redis, "Q")
+    envs = [Envelope("deliver", "u", ("d",), b"%d" % i, ts=i) for i in range(50)]
+    assert all(await asyncio.gather(*(a.send("Q", e) for e in envs)))
+    entries = await redis.xrange(inbox)
+    assert len(entries) == 1
+    assert decode_entry(entries[0][1]) == envs
+    # more than one entry may hold: cut in order, by count and by bytes
+    many = [Envelope("deliver", "u", ("d",), b"%d" % i) for i in range(ENTRY_ENVELOPES * 2 + 1)]
+    big = [Envelope("deliver", "u", ("d",), bytes(ENTRY_BYTES // 2 + 1)) for _ in range(3)]
+    assert all(await asyncio.gather(*(a.send("Q", e) for e in many + big)))
+    entries = (await redis.xrange(inbox))[1:]
+    assert [len(decode_entry(f)) for _, f in entries] == [ENTRY_ENVELOPES, ENTRY_ENVELOPES, 2, 1, 1]
+    assert [e for _, f in entries for e in decode_entry(f)] == many + big
+
+
+async def test_a_kept_frame_never_overtakes_a_send_of_the_same_tick(
+    make_bp: Any, redis: Any
+) -> None:
+    """Sends to one inbox around a keep are not merged across it: the keep runs between."""
+    a, _ = await make_bp("A")
+    inbox = await _silent_inbox(redis, "Q")
+    first = a.send("Q", Envelope("deliver", "u", ("d",), b"1"))
+    kept = a.keep("u", "d", b"k")  # not parked: refused, but it ran in its place
+    second = a.send("Q", Envelope("deliver", "u", ("d",), b"2"))
+    assert await asyncio.gather(first, kept, second) == [True, False, True]
+    entries = await redis.xrange(inbox)
+    assert [[e.frame for e in decode_entry(f)] for _, f in entries] == [[b"1"], [b"2"]]
+
+
 async def test_send_to_a_gone_worker_is_false_and_creates_nothing(
     make_bp: Any, redis: Any
 ) -> None:
@@ -141,8 +186,11 @@ async def test_salvage_returns_only_what_the_dead_worker_never_acknowledged(
     for i in range(4):
         env = Envelope("deliver", "u", ("d",), f"f{i}".encode())
         await redis.xadd(dead, encode_envelope(env))  # type: ignore[arg-type]
+    other = Envelope("deliver", "u", ("e",), b"not-d")
+    batch = [Envelope("deliver", "u", ("d", "e"), b"f4"), other]
+    await redis.xadd(dead, {b"b": encode_batch(batch)})  # the batched format, read too
     read = await redis.xreadgroup(keys.GROUP, keys.CONSUMER, {dead: ">"}, count=2)
     first_id = read[0][1][0][0]
     await redis.xack(dead, keys.GROUP, first_id)  # f0 delivered; f1 read, unacknowledged
-    assert await bp.salvage("dead", "u", "d") == [b"f1", b"f2", b"f3"]
+    assert await bp.salvage("dead", "u", "d") == [b"f1", b"f2", b"f3", b"f4"]
     assert await bp.salvage("nobody", "u", "d") == []
