@@ -73,6 +73,7 @@ class Hub:
         self._clock_ms = clock_ms
         self._clock_s = clock_s
         self.sessions: dict[str, dict[str, Session]] = {}
+        self._count = 0  # sessions in ``sessions`` (kept, not summed: connect reads it)
         self.rooms: dict[str, dict[Member, Session]] = {}
         self.watchers: dict[str, set[Session]] = {}
         # (when, seq, kind, session, exp): weak references, so that a closed connection is
@@ -171,6 +172,8 @@ class Hub:
         devices = self.sessions.setdefault(session.user_id, {})
         old = devices.get(session.device_id)
         devices[session.device_id] = session
+        if old is None:
+            self._count += 1
         if old is not None and old is not session:
             old.close(Close.REPLACED, "replaced by a newer connection")
         prev = claim.previous
@@ -237,6 +240,7 @@ class Hub:
         devices = self.sessions.get(session.user_id)
         if devices is not None and devices.get(session.device_id) is session:
             del devices[session.device_id]
+            self._count -= 1
             if not devices:
                 del self.sessions[session.user_id]
         await self.unwatch(session, list(session.watching))
@@ -273,7 +277,8 @@ class Hub:
 
     @property
     def connection_count(self) -> int:
-        return sum(len(d) for d in self.sessions.values())
+        """Sessions of this worker (O(1): every connect reads it)."""
+        return self._count
 
     # ------------------------------------------------------------------ token expiry
 

@@ -197,3 +197,19 @@ async def test_slow_consumer_is_closed_and_sender_unaffected(make_node):
     acks = frames(alice)
     assert [f["type"] for f in acks[:5]] == ["ack"] * 5
     assert acks[5]["code"] == "peer_offline"
+
+
+async def test_connection_count_follows_connects_takeovers_and_disconnects(make_node):
+    a = await make_node("A")
+    first = await a.connect("u", "d1")
+    await a.connect("u", "d2")
+    await a.connect("v", "d1")
+    assert a.hub.connection_count == 3
+    again = await a.connect("u", "d1")  # replaces ``first`` here: still three
+    assert a.hub.connection_count == 3
+    await a.hub.disconnect(first)  # the replaced one: nothing of the count is its
+    assert a.hub.connection_count == 3
+    await a.hub.disconnect(again)
+    await a.hub.disconnect(again)  # twice: counted once
+    assert a.hub.connection_count == 2
+    assert a.hub.connection_count == sum(len(d) for d in a.hub.sessions.values())
