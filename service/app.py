@@ -5,6 +5,7 @@ service.app`` works; a configuration error prints one clear line and exits with 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -140,6 +141,24 @@ async def _main_start(app: Sanic) -> None:
         log.info("no REDIS_URL: running as a single instance on the in-process backplane")
 
 
+# Cyclic-GC thresholds of a worker (CPython's default: 700, 10, 10).  The routing path makes
+# no cyclic garbage (measured: a full collection after a run under load finds nothing), but
+# with the defaults the objects of messages in flight outlive two young collections, reach
+# the old generation, and trigger a full collection of every connection's objects every
+# second or two: at 10,000 connections 0.4 s each, 45 % of the worker's CPU.  The thresholds
+# count net allocations, so in a steady state collections become rare; connection churn
+# (the only cyclic garbage) still triggers them.
+GC_THRESHOLDS = (20_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (never garbage, never scanned again) and raise the
+    collection thresholds; call once per worker process, after start-up."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _worker_start(app: Sanic) -> None:
     privacy.install()
     rt = Runtime.build(app.ctx.settings)
@@ -151,6 +170,7 @@ async def _worker_start(app: Sanic) -> None:
         log.error("backplane not reachable at start: %s", type(exc).__name__)
         rt.draining = False
         app.add_task(_retry_start(rt), name="retry-start")
+    tune_gc()
     log.info(
         "worker %s serving (%s backplane)", rt.node_id, "redis" if rt.clustered else "memory"
     )
