@@ -92,13 +92,18 @@ class Router:
         kind = msg.type if msg is not None else "invalid"
         self.stats.received(kind)
         msg_id = msg.id if msg is not None else (err.msg_id if err else None)
-        if not await self._admit(session, msg_id, admission, counted):
+        if counted and admission is None:  # admitted already (the common case): no await
+            session.strikes = 0
+        elif not await self._admit(session, msg_id, admission, counted):
             return
         try:
             if err is not None:
                 raise err
             assert msg is not None
-            await self._dispatch(session, msg)
+            if type(msg) is Direct:  # the hot path, without a dispatch frame
+                await self._direct(session, msg)
+            else:
+                await self._dispatch(session, msg)
         except ProtocolError as exc:
             self._error(session, exc)
         except Exception as exc:  # a backend failed: the client learns, the server goes on
