@@ -63,3 +63,23 @@ async def test_scripts_redis_forgot_are_loaded_and_run_again(redis_url: str) -> 
     assert await run_scripts(redis, lane, [(script, [], [41]), (script, [], [1])]) == [42, 2]
     await lane.close()
     await redis.aclose()
+
+
+async def test_a_hung_redis_times_out_and_the_batch_is_not_sent_again(redis_url: str) -> None:
+    admin = make_client(redis_url, timeout=2.0)
+    redis = make_client(redis_url, timeout=0.3)
+    lane = Lane(redis)
+    await lane.connect()
+    await admin.execute_command("CLIENT", "PAUSE", "800", "ALL")
+    try:
+        await lane.execute([["INCR", "lane-t"]])
+        raise AssertionError("Redis did not answer: the batch must fail")
+    except Exception as exc:
+        assert "imeout" in type(exc).__name__, exc
+    await asyncio.sleep(1.0)  # the pause is over
+    assert await admin.get("lane-t") in (None, b"1")  # at most once
+    assert await lane.execute([["PING"]]) == [b"PONG"]  # a new connection
+    await lane.close()
+    await admin.delete("lane-t")
+    await admin.aclose()
+    await redis.aclose()
