@@ -300,7 +300,7 @@ class RedisBackplane:
             answers.append((False, [fut]))
         self._add_entries(groups, calls, answers)
         try:
-            results = await execute(self._redis, self._lane, calls, [self._keep_script])
+            results = await execute(self._lane, calls, [self._keep_script])
         except Exception as exc:
             self._stats.backplane_error("xadd")
             for *_, fut in batch:

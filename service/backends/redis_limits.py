@@ -149,7 +149,7 @@ class RedisLimiter:
             for user, futs in batch.items()
         ]
         self.acquisitions += 1
-        results = await run_scripts(self._redis, self._lane, calls)
+        results = await run_scripts(self._lane, calls)
         for res in results:
             if isinstance(res, Exception):
                 raise res

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.contracts import Claim, Location, Member
 from . import keys
@@ -262,10 +263,20 @@ class RedisPresence:
     # ------------------------------------------------------------------ devices
 
     async def claim(self, user: str, device: str, loc: Location, max_devices: int) -> Claim:
-        ok, prev, resumed = await self._claim(
-            keys=[keys.devices(user)],
-            args=[self._prefix, device, loc.encode(), max_devices, self._ttl, self._keep],
-        )
+        """Register the device's connection.  A connection failure is retried once, on
+        fresh connections: after a Redis restart every idle pooled connection is dead and
+        fails its first command (the first connects after a restart would get 1011).  A
+        claim that did run finds itself the second time (same connection: no previous);
+        only if Redis failed between running it and answering would a connection it
+        replaced go untold (it then receives nothing and ends with its socket)."""
+        claim_keys = [keys.devices(user)]
+        args: list[Any] = [self._prefix, device, loc.encode(), max_devices, self._ttl, self._keep]
+        try:
+            reply = await self._claim(keys=claim_keys, args=args)
+        except RedisConnectionError:
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
+            reply = await self._claim(keys=claim_keys, args=args)
+        ok, prev, resumed = reply
         previous = Location.decode(_s(prev)) if prev else None
         return Claim(bool(ok), previous, bool(resumed))
 
@@ -325,7 +336,7 @@ class RedisPresence:
             calls: list[ScriptCall] = [
                 (self._live, [keys.devices(u) for u in chunk], [self._prefix]) for chunk in chunks
             ]
-            replies = await run_scripts(self._redis, self._lookup_lane, calls)
+            replies = await run_scripts(self._lookup_lane, calls)
             for chunk, rows in zip(chunks, replies, strict=True):
                 if isinstance(rows, Exception):
                     raise rows
@@ -439,7 +450,7 @@ class RedisPresence:
                 for row in chunk:
                     args.extend(row[1:])
                 calls.append((script, [row[0] for row in chunk], args))
-        for res in await run_scripts(self._redis, self._beat_lane, calls):
+        for res in await run_scripts(self._beat_lane, calls):
             if isinstance(res, Exception):
                 raise res
         self._reassert_next = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -22,24 +21,28 @@ def evalsha(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> li
     return ["EVALSHA", script.sha, len(keys), *keys, *args]
 
 
-async def run_scripts(redis: Redis, lane: Lane, calls: Sequence[ScriptCall]) -> list[Any]:
+async def run_scripts(lane: Lane, calls: Sequence[ScriptCall]) -> list[Any]:
     """Each call's reply, in order; a failed call's reply is its exception (never raised
     here, except when the connection fails: then that is raised)."""
     scripts = {id(script): script for script, _, _ in calls}.values()
-    return await execute(redis, lane, [evalsha(*call) for call in calls], scripts)
+    return await execute(lane, [evalsha(*call) for call in calls], scripts)
 
 
 async def execute(
-    redis: Redis, lane: Lane, commands: Sequence[Sequence[Any]], scripts: Iterable[AsyncScript]
+    lane: Lane, commands: Sequence[Sequence[Any]], scripts: Iterable[AsyncScript]
 ) -> list[Any]:
     """``lane.execute`` for commands among which are EVALSHAs of ``scripts``: the ones
-    that come back NOSCRIPT are run again once ``redis`` has loaded the scripts (a
-    script's sha is its text's, so the commands stay as they are)."""
+    that come back NOSCRIPT are run again once the scripts are loaded (a script's sha is
+    its text's, so the commands stay as they are)."""
     results = await lane.execute(commands)
     again = [i for i, r in enumerate(results) if is_noscript(r)]
     if again:
-        for script in scripts:
-            await redis.script_load(script.script)
+        # loaded on the lane too: right after a restart (the usual reason for NOSCRIPT) the
+        # client's idle pooled connections are dead and fail their first command
+        loads = await lane.execute([["SCRIPT", "LOAD", script.script] for script in scripts])
+        failed = next((r for r in loads if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
         retried = await lane.execute([commands[i] for i in again])
         for i, res in zip(again, retried, strict=True):
             results[i] = res

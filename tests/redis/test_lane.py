@@ -58,9 +58,9 @@ async def test_scripts_redis_forgot_are_loaded_and_run_again(redis_url: str) -> 
     redis = make_client(redis_url, timeout=2.0)
     lane = Lane(redis)
     script = redis.register_script("return ARGV[1] + 1")
-    assert await run_scripts(redis, lane, [(script, [], [1])]) == [2]
+    assert await run_scripts(lane, [(script, [], [1])]) == [2]
     await redis.script_flush()  # what a restart without persistence does to the cache
-    assert await run_scripts(redis, lane, [(script, [], [41]), (script, [], [1])]) == [42, 2]
+    assert await run_scripts(lane, [(script, [], [41]), (script, [], [1])]) == [42, 2]
     await lane.close()
     await redis.aclose()
 

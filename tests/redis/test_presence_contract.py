@@ -224,3 +224,26 @@ async def test_heartbeat_reasserts_after_a_restart_and_every_few_beats(redis_url
     assert await redis.hget(keys.room("hb-room"), "hb3/d") == b"A|A.3"
     assert 0 < await redis.ttl(keys.devices("hb2")) <= p._keep
     await redis.aclose()
+
+
+async def test_a_claim_after_a_redis_restart_is_not_failed_by_dead_pooled_connections() -> None:
+    from tests.support import start_redis
+
+    server = start_redis()
+    try:
+        redis = make_client(server.url, timeout=1.0)
+        presence = RedisPresence(redis, ttl=15)
+        await asyncio.gather(*(redis.ping() for _ in range(4)))  # four idle pooled
+        port = server.port
+        server.stop()
+        server = start_redis(port=port)
+        claims = await asyncio.gather(
+            *(presence.claim(f"u{i}", "d", Location("n1", f"c{i}"), 10) for i in range(4))
+        )
+        assert all(c.ok and c.previous is None for c in claims)
+        again = await presence.claim("u0", "d", Location("n1", "c0"), 10)  # what a retry sees
+        assert again.ok and again.previous == Location("n1", "c0")
+        await presence.close()
+        await redis.aclose()
+    finally:
+        server.stop()
