@@ -24,19 +24,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis  # a dependency (redis[hiredis]): redis-py's connections parse with it
+from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-try:
-    import hiredis
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
-
-    _PUSH: Any = getattr(hiredis, "PushNotification", ())
-except ImportError:  # pragma: no cover - hiredis is a dependency (redis[hiredis])
-    _NOT_ENOUGH, _PUSH = object(), ()
+_PUSH: Any = getattr(hiredis, "PushNotification", ())
 
 Command = Sequence[Any]
 IDLE_CHECK_S = 2.0  # a connection idle this long is replaced before use
@@ -78,10 +73,8 @@ async def exchange(conn: AbstractConnection, commands: Sequence[Command]) -> lis
     reader: Any = getattr(conn._parser, "_reader", None)
     stream: Any = conn._reader
     writer: Any = conn._writer
-    if stream is None or writer is None:
+    if stream is None or writer is None or reader is None:
         raise RedisConnectionError("not connected")
-    if reader is None or not hasattr(reader, "gets"):  # pragma: no cover - no hiredis
-        return await _exchange_slow(conn, commands)
     replies: list[Any] = []
     n = len(commands)
     try:
@@ -110,21 +103,6 @@ async def exchange(conn: AbstractConnection, commands: Sequence[Command]) -> lis
         if isinstance(exc, RedisConnectionError):
             raise
         raise RedisConnectionError(type(exc).__name__) from exc
-    return replies
-
-
-async def _exchange_slow(conn: AbstractConnection, commands: Sequence[Command]) -> list[Any]:
-    await conn.send_packed_command(pack(commands), check_health=False)
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(await conn.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-        except RedisConnectionError as exc:
-            if replies:
-                raise RedisConnectionError("partial") from exc
-            raise
     return replies
 
 
