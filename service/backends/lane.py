@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import hiredis  # a dependency (redis[hiredis]): redis-py's connections parse with it
@@ -106,6 +106,16 @@ async def exchange(conn: AbstractConnection, commands: Sequence[Command]) -> lis
     return replies
 
 
+def fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException, closed: str) -> None:
+    """Fail every waiter that is not done yet with ``exc`` (a cancellation becomes
+    ``ConnectionError(closed)``: no caller may wait forever, nor see a CancelledError that
+    is not its own)."""
+    err = exc if isinstance(exc, Exception) else ConnectionError(closed)
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(err)
+
+
 class Lane:
     def __init__(self, redis: Redis) -> None:
         """``redis``: the client whose pool settings (address, auth, timeouts) to use."""
@@ -162,11 +172,7 @@ class Lane:
             if broken is not None:
                 with contextlib.suppress(Exception):
                     await broken.disconnect()
-            for _, fut in batches:
-                if not fut.done():
-                    fut.set_exception(
-                        exc if isinstance(exc, Exception) else ConnectionError("lane closed")
-                    )
+            fail_all((fut for _, fut in batches), exc, "lane closed")
             if not isinstance(exc, Exception):
                 raise
             return

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 
 from ..core.ratelimit import Admission
 from .keys import LIMITS_PREFIX
-from .lane import Lane
+from .lane import Lane, fail_all
 from .scripts import run_scripts
 
 Waiter = asyncio.Future[float | None]
@@ -118,10 +118,7 @@ class RedisLimiter:
         try:
             acquired = await self._acquire_many(batch, extra)
         except Exception as exc:
-            for futs in batch.values():
-                for fut in futs:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            fail_all((fut for futs in batch.values() for fut in futs), exc, "rate limiter closed")
             return
         for (user, futs), ok in zip(batch.items(), acquired, strict=True):
             if ok:
@@ -166,9 +163,7 @@ class RedisLimiter:
             stats = await self._strategy.get_window_stats(self._item, "u", user)
             retry = max(0.001, stats.reset_time - time.time())
         except Exception as exc:
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(exc)
+            fail_all(futs, exc, "rate limiter closed")
             return
         for i, fut in enumerate(futs):
             if not fut.done():

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.contracts import Claim, Location, Member
 from . import keys
-from .lane import Lane
+from .lane import Lane, fail_all
 from .scripts import ScriptCall, run_scripts
 
 _ALIVE = """
@@ -342,11 +342,7 @@ class RedisPresence:
                     raise rows
                 found.update({u: dict(_pairs(row)) for u, row in zip(chunk, rows, strict=True)})
         except BaseException as exc:  # cancelled too: no caller may wait forever
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(
-                        exc if isinstance(exc, Exception) else ConnectionError("presence closed")
-                    )
+            fail_all((fut for _, fut in batch), exc, "presence closed")
             if not isinstance(exc, Exception):
                 raise
             return
