@@ -2,11 +2,17 @@
 implementation, sharing the service's connection pool), with every message of one loop tick
 counted in one pipeline.
 
-Per tick, each user with ``n`` messages costs one run of ``limits``' own acquire script with
+Per tick, each user with ``n`` messages costs one run of ``limits``' own acquire steps with
 ``amount = n`` (all-or-nothing, atomic in Redis, so two workers never both get the last
 slot).  When that fails, the few messages that still fit are found with ``limits``' window
 stats and acquired one by one; the rest are refused with the time until the window frees a
 slot.  Counting stays exact and cluster-wide; no message waits for more than one pipeline.
+
+The per-user calls of one tick are one ``EVALSHA`` of ``_ACQUIRE_MANY``: limits' acquire
+script run for each user in turn (its very steps, on its keys and list format, so limits'
+own strategy reads the same windows).  Redis spends ~13 µs on each script call however
+little it does, and one call per user was most of Redis's work per message when every
+user sends a few messages a second (measured: 39,000 calls in 5 s at 10,000 msg/s).
 
 Leases, for busy senders under a high limit: when a user kept sending through a whole
 lease period, the next acquisition takes as many more slots as the user used in that
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from limits import parse
 from limits.aio.storage import RedisStorage
@@ -35,6 +40,38 @@ from .lane import Lane, fail_all
 from .scripts import run_scripts
 
 Waiter = asyncio.Future[float | None]
+
+# limits' acquire_moving_window.lua (limits 5.x), once per key: ARGV is the timestamp,
+# the limit, the expiry, then one amount per key.  Each key's acquisition is all-or-nothing
+# as in limits; the reply is 1 (acquired) or 0 per key (a Lua nil would end the array).
+_ACQUIRE_MANY = """
+local timestamp = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local expiry = tonumber(ARGV[3])
+local out = {}
+for k = 1, #KEYS do
+    local key = KEYS[k]
+    local amount = tonumber(ARGV[3 + k])
+    local ok = 0
+    if amount <= limit then
+        local entry = redis.call('lindex', key, limit - amount)
+        if not (entry and tonumber(entry) >= timestamp - expiry) then
+            local entries = {}
+            for i = 1, amount do
+                entries[i] = timestamp
+            end
+            for i = 1, #entries, 5000 do
+                redis.call('lpush', key, unpack(entries, i, math.min(i + 4999, #entries)))
+            end
+            redis.call('ltrim', key, 0, limit - 1)
+            redis.call('expire', key, expiry)
+            ok = 1
+        end
+    end
+    out[k] = ok
+end
+return out
+"""
 
 LEASE_S = 0.05  # how long a lease's slots may be spent
 LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
@@ -51,6 +88,7 @@ class RedisLimiter:
         self._item = parse(rate)
         self._strategy = MovingWindowRateLimiter(storage)
         self._lane = lane or Lane(redis)
+        self._acquire_script = redis.register_script(_ACQUIRE_MANY)
         self._pending: dict[str, list[Waiter]] = {}
         self._flushing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -134,23 +172,17 @@ class RedisLimiter:
 
     async def _acquire_many(
         self, batch: dict[str, list[Waiter]], extra: dict[str, int]
-    ) -> list[Any]:
-        """One pipeline: limits' acquire script once per user, with the user's count (and
-        the slots its lease takes ahead)."""
-        bridge: Any = self._storage.bridge  # RedispyBridge
-        script = bridge.lua_acquire_moving_window
-        now = time.time()
-        expiry, limit = self._item.get_expiry(), self._item.amount
-        calls = [
-            (script, [self._key(user)], [now, limit, expiry, len(futs) + extra[user]])
-            for user, futs in batch.items()
-        ]
+    ) -> list[bool]:
+        """One script call for the whole tick: each user's count (and the slots its lease
+        takes ahead), acquired all-or-nothing per user.  True per user that got them."""
+        keys = [self._key(user) for user in batch]
+        amounts = [len(futs) + extra[user] for user, futs in batch.items()]
+        args = [time.time(), self._item.amount, self._item.get_expiry(), *amounts]
         self.acquisitions += 1
-        results = await run_scripts(self._lane, calls)
-        for res in results:
-            if isinstance(res, Exception):
-                raise res
-        return results
+        (res,) = await run_scripts(self._lane, [(self._acquire_script, keys, args)])
+        if isinstance(res, Exception):
+            raise res
+        return [bool(ok) for ok in res]
 
     async def _partial(self, user: str, futs: list[Waiter]) -> None:
         """Not all of a user's messages of this tick fit: admit those that do, in order."""

@@ -88,3 +88,27 @@ async def test_leases_spare_redis_for_busy_senders_and_never_exceed_the_limit(
     assert await redis.llen(key_s) == 3
     await w1.close()
     await w2.close()
+
+
+async def test_a_tick_of_many_users_is_one_script_call(redis_url: str, redis: Any) -> None:
+    """Every user of one tick is counted by a single EVALSHA (Redis's cost per script call
+    dominated at a few messages per user per second), each user still all-or-nothing and
+    in limits' own window format."""
+    w = redis_rate_limiter(redis_url, redis, "3/minute")
+    await redis.config_resetstat()
+    users = [f"u{i}" for i in range(40)]
+    pending = [w.admit(u) for u in users for _ in range(2)] + [w.admit("greedy") for _ in range(5)]
+    results = await asyncio.gather(*(resolve(p) for p in pending))
+    assert results[:80] == [None] * 80
+    greedy = results[80:]
+    assert greedy[:3] == [None] * 3 and all(r is not None and 0 < r <= 60 for r in greedy[3:])
+    stats = await redis.info("commandstats")
+    # one call for the 41 users; then greedy's partial path: limits' own hit for each
+    # slot that still fits and the first that does not (4), and its window stats (1)
+    assert w.acquisitions == 1
+    assert stats["cmdstat_evalsha"]["calls"] == 1 + 4 + 1, stats["cmdstat_evalsha"]
+    view = MovingWindowRateLimiter(w._storage)
+    for user, left in (("u0", 1), ("u39", 1), ("greedy", 0)):
+        got = await view.get_window_stats(parse("3/minute"), "u", user)
+        assert got.remaining == left, (user, got)
+    await w.close()
