@@ -313,18 +313,20 @@ class RedisPresence:
         )
         return sorted(_s(r) for r in rooms)
 
-    async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
+    def locate(self, users: Sequence[str]) -> _Located:
         """Every lookup of one loop tick shares one script call (senders look up their
-        recipients on every direct message)."""
-        if not users:
-            return {}
+        recipients on every direct message).  The lookup joins this tick's batch at the
+        call; the future holds its answer."""
         fut: _Located = asyncio.get_running_loop().create_future()
+        if not users:
+            fut.set_result({})
+            return fut
         if not self._locating:
             task = asyncio.ensure_future(self._locate_batch())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._locating.append((users, fut))
-        return await fut
+        return fut
 
     async def _locate_batch(self) -> None:
         await asyncio.sleep(0)  # the rest of this tick's lookups join

@@ -83,8 +83,10 @@ class Presence(Protocol):
         """Remove the registration if it still names ``loc`` (a newer one is left alone);
         False when it did not (taken over, parked or gone)."""
 
-    async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
-        """Live devices of each user (users with none map to ``{}``)."""
+    def locate(self, users: Sequence[str]) -> Awaitable[dict[str, dict[str, Location]]]:
+        """Live devices of each user (users with none map to ``{}``).  A backend that
+        batches lookups registers this one at the call (so a caller may start it before it
+        knows it will need the answer); one that does not may look up at the await."""
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         """The connection at ``loc`` dropped without a clean close: keep the device online,

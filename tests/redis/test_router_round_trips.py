@@ -1,0 +1,75 @@
+"""The router on the Redis backends, counted in round trips of the shared lane."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from service.auth import Identity
+from service.config import Settings
+from service.core.contracts import Location
+from service.core.session import Session
+from service.runtime import Runtime
+
+
+def _runtime(redis_url: str) -> Runtime:
+    return Runtime.build(
+        Settings.from_env({"JWT_SECRET": "s" * 40, "REDIS_URL": redis_url,
+                           "RATE_LIMIT": "1/minute"})
+    )
+
+
+def _session(rt: Runtime, user: str, device: str) -> Session:
+    return Session(
+        Identity(user, device, 2_000_000_000),
+        Location(rt.node_id, f"{rt.node_id}.{user}.{device}"),
+        lambda code, reason: None,
+    )
+
+
+def _frames(session: Session) -> list[dict[str, Any]]:
+    return [json.loads(f) for f in session.outbox]
+
+
+async def _send(rt: Runtime, session: Session, msg: dict[str, Any]) -> None:
+    """What the edge does with one frame read alone in its tick."""
+    admission = rt.limiter.admit(session.user_id)
+    await rt.router.handle(session, json.dumps(msg), admission, counted=True)
+
+
+async def test_a_lone_message_looks_up_its_recipient_with_the_limiter(redis_url: str) -> None:
+    """A message that waits for the cluster-wide limiter has its recipient looked up in
+    the same round trip: limiter + lookup, then the stream write (2 round trips, not 3)."""
+    a, b = _runtime(redis_url), _runtime(redis_url)
+    try:
+        await a.start()
+        await b.start()
+        alice = _session(a, "alice", "phone")
+        bob = _session(b, "bob", "laptop")
+        await a.hub.connect(alice)
+        await b.hub.connect(bob)
+        # the first message loads the scripts into Redis (NOSCRIPT, SCRIPT LOAD, again)
+        carol = _session(a, "carol", "tablet")
+        await a.hub.connect(carol)
+        await _send(a, carol, {"type": "offer", "to": "bob", "payload": {}})
+        lane = a.limiter._lane  # type: ignore[attr-defined]
+        before = lane.round_trips
+        await _send(a, alice, {"type": "offer", "to": "bob", "payload": {"sdp": "x"}, "id": "1"})
+        assert lane.round_trips - before == 2
+        for _ in range(200):
+            if sum(f["type"] == "offer" for f in _frames(bob)) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [f["from"] for f in _frames(bob) if f["type"] == "offer"] == ["carol", "alice"]
+        assert _frames(alice)[-1] == {"type": "ack", "id": "1", "devices": 1}
+
+        # refused by the limiter (1/minute): the lookup started with it is dropped
+        # quietly, and the message goes nowhere
+        await _send(a, alice, {"type": "offer", "to": "bob", "payload": {}, "id": "2"})
+        assert _frames(alice)[-1]["code"] == "rate_limited"
+        await asyncio.sleep(0.1)
+        assert sum(f["type"] == "offer" for f in _frames(bob)) == 2
+    finally:
+        await a.close()
+        await b.close()
