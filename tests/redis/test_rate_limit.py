@@ -91,9 +91,8 @@ async def test_leases_spare_redis_for_busy_senders_and_never_exceed_the_limit(
 
 
 async def test_a_tick_of_many_users_is_one_script_call(redis_url: str, redis: Any) -> None:
-    """Every user of one tick is counted by a single EVALSHA (Redis's cost per script call
-    dominated at a few messages per user per second), each user still all-or-nothing and
-    in limits' own window format."""
+    """Every user of one tick is counted by a single EVALSHA (not one per user), each user
+    still all-or-nothing and in limits' own window format."""
     w = redis_rate_limiter(redis_url, redis, "3/minute")
     await redis.config_resetstat()
     users = [f"u{i}" for i in range(40)]
