@@ -3,10 +3,13 @@ workers sharing one MemoryCluster, no sockets, no timers."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+from typing import Any
 
 from service.core.contracts import Location
-from tests.core.conftest import frames
+from tests.core.conftest import frames, settle
 
 
 async def test_offer_reaches_every_device_across_workers_with_ack(make_node):
@@ -213,3 +216,54 @@ async def test_connection_count_follows_connects_takeovers_and_disconnects(make_
     await a.hub.disconnect(again)  # twice: counted once
     assert a.hub.connection_count == 2
     assert a.hub.connection_count == sum(len(d) for d in a.hub.sessions.values())
+
+
+async def test_a_lookup_started_before_admission_is_used_or_dropped_quietly(make_node):
+    """A message whose admission is still pending has its recipient's lookup started with
+    it: admitted, the message is routed with that lookup; refused, the lookup is dropped,
+    and its failure is not reported as an exception nobody retrieved."""
+    a = await make_node("a")
+    b = await make_node("b")
+    alice = await a.connect("alice", "phone")
+    bob = await b.connect("bob", "laptop")
+    loop = asyncio.get_running_loop()
+    lookups: list[asyncio.Future[Any]] = []
+    real = a.hub.presence.locate
+
+    def locate(users):  # a batching backend: the lookup is registered at the call
+        fut = loop.create_future()
+        lookups.append(fut)
+        return fut
+
+    a.hub.presence.locate = locate  # type: ignore[method-assign]
+    admitted = loop.create_future()
+    pending = asyncio.ensure_future(a.router.handle(
+        alice, json.dumps({"type": "offer", "to": "bob", "payload": 1, "id": "m1"}),
+        admitted, counted=True,
+    ))
+    await settle()
+    assert len(lookups) == 1 and not pending.done()  # looked up before admission came
+    lookups[0].set_result(await real(["bob"]))
+    admitted.set_result(None)
+    await pending
+    await settle()
+    assert [f["type"] for f in frames(bob)][-1] == "offer"
+    assert frames(alice) == [{"type": "ack", "id": "m1", "devices": 1}]
+
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    refused = loop.create_future()
+    pending = asyncio.ensure_future(a.router.handle(
+        alice, json.dumps({"type": "offer", "to": "bob", "payload": 2, "id": "m2"}),
+        refused, counted=True,
+    ))
+    await settle()
+    refused.set_result(1.5)  # over the budget
+    await pending
+    lookups[1].set_exception(ConnectionError("redis down"))
+    del lookups[:]
+    await settle()
+    gc.collect()
+    assert frames(alice)[-1]["code"] == "rate_limited"
+    assert frames(bob) == []
+    assert unretrieved == []
