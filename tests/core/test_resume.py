@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from tests.core.conftest import Node, frames, settle
 
@@ -114,6 +115,17 @@ async def test_replaced_connection_leaves_its_rooms_to_the_new_one(make_node):
     await a.send(old, type="subscribe", room="r")
     await b.send(peer, type="subscribe", room="r")
     frames(peer)
+    # B's eviction waits for this gate after A answered the kick: the cleanup below runs
+    # first whatever the interpreter's scheduling (3.12+ reach the eviction in fewer hops)
+    gate = asyncio.Event()
+    answers_kick = b.hub._answers_kick
+
+    async def answered_then_held(*args: Any) -> bool:
+        answered = await answers_kick(*args)
+        await gate.wait()
+        return answered
+
+    b.hub._answers_kick = answered_then_held  # type: ignore[method-assign]
     new = Node.session(b, "u", "d")
     connecting = asyncio.create_task(b.hub.connect(new, welcome))
     while not old.closed:  # the kick reaches worker A
@@ -123,6 +135,7 @@ async def test_replaced_connection_leaves_its_rooms_to_the_new_one(make_node):
     await settle()
     assert frames(peer) == []
     assert ("u", "d") in await b.hub.presence.members("r")  # left for the evictor
+    gate.set()
     assert await connecting is False
     await b.send(new, type="subscribe", room="r")
     await settle()
