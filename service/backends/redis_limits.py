@@ -84,9 +84,8 @@ class RedisLimiter:
         self, storage: RedisStorage, redis: Redis, rate: str, lane: Lane | None = None
     ) -> None:
         """``storage`` must be ``limits``' redis-py storage on the same server as ``redis``
-        (whose pipelines carry the batched calls)."""
+        (whose settings the lane, when none is given, connects with)."""
         self._storage = storage
-        self._redis = redis
         self._item = parse(rate)
         self._strategy = MovingWindowRateLimiter(storage)
         self._lane = lane or Lane(redis)

@@ -21,7 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ..core.contracts import Claim, Location, Member
+from ..core.contracts import Claim, Located, Location, Member
 from . import keys
 from .lane import Lane, fail_all
 from .scripts import ScriptCall, run_scripts
@@ -204,7 +204,7 @@ return res
 # PRESENCE_TTL/3; the shortest TTL refreshed this way is the watch sets' 2 * PRESENCE_TTL).
 REASSERT_EVERY = 3
 REASSERT_CHUNK = 500  # keys per script call
-_Located = asyncio.Future[dict[str, dict[str, Location]]]
+_Located = asyncio.Future[Located]
 # users per script call of one batched lookup
 LOCATE_CHUNK = 500
 

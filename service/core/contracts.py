@@ -71,6 +71,9 @@ class Envelope:
 
 EnvelopeSink = Callable[[Envelope], None]
 
+# a lookup's answer: each user's live devices and where they are
+Located = dict[str, dict[str, Location]]
+
 
 class Presence(Protocol):
     """Which devices are online and on which worker; bounded by TTLs and liveness."""
@@ -83,7 +86,7 @@ class Presence(Protocol):
         """Remove the registration if it still names ``loc`` (a newer one is left alone);
         False when it did not (taken over, parked or gone)."""
 
-    def locate(self, users: Sequence[str]) -> Awaitable[dict[str, dict[str, Location]]]:
+    def locate(self, users: Sequence[str]) -> Awaitable[Located]:
         """Live devices of each user (users with none map to ``{}``).  A backend that
         batches lookups registers this one at the call (so a caller may start it before it
         knows it will need the answer); one that does not may look up at the await."""

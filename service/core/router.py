@@ -34,7 +34,7 @@ from ..protocol import (
     parse,
     with_id,
 )
-from .contracts import PARKED, Envelope, Location, RateLimiter
+from .contracts import PARKED, Envelope, Located, Location, RateLimiter
 from .hub import Hub
 from .ratelimit import Admission, resolve
 from .session import Session
@@ -369,8 +369,6 @@ class Router:
         self.stats.error(str(err.code))
         session.push(encode_error(err))
 
-
-Located = dict[str, dict[str, Location]]
 
 
 def _abandon(pending: Awaitable[Any]) -> None:
