@@ -46,6 +46,9 @@ Waiter = asyncio.Future[float | None]
 # limits' acquire_moving_window.lua (limits 5.x), once per key: ARGV is the timestamp,
 # the limit, the expiry, then one amount per key.  Each key's acquisition is all-or-nothing
 # as in limits; the reply is 1 (acquired) or 0 per key (a Lua nil would end the array).
+# The list is trimmed only when the push took it past the limit: limits trims on every
+# acquisition, to the same end state, and that no-op trim was a quarter of the script's
+# time in Redis.
 _ACQUIRE_MANY = """
 local timestamp = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -62,10 +65,13 @@ for k = 1, #KEYS do
             for i = 1, amount do
                 entries[i] = timestamp
             end
+            local length = 0
             for i = 1, #entries, 5000 do
-                redis.call('lpush', key, unpack(entries, i, math.min(i + 4999, #entries)))
+                length = redis.call('lpush', key, unpack(entries, i, math.min(i + 4999, #entries)))
             end
-            redis.call('ltrim', key, 0, limit - 1)
+            if length > limit then
+                redis.call('ltrim', key, 0, limit - 1)
+            end
             redis.call('expire', key, expiry)
             ok = 1
         end

@@ -111,3 +111,24 @@ async def test_a_tick_of_many_users_is_one_script_call(redis_url: str, redis: An
         got = await view.get_window_stats(parse("3/minute"), "u", user)
         assert got.remaining == left, (user, got)
     await w.close()
+
+
+async def test_window_list_is_trimmed_to_the_limit_when_old_slots_overflow_it(
+    redis_url: str, redis: Any
+) -> None:
+    """The trim runs only when a push takes the list past the limit: slots that left the
+    window are cut then, and limits' strategy still reads the window right."""
+    w = redis_rate_limiter(redis_url, redis, "3/minute")
+    key = "sig:rl:" + parse("3/minute").key_for("u", "fay")
+    await redis.rpush(key, 1.0, 1.0, 1.0)  # three slots from 1970: out of the window
+    results = await asyncio.gather(*(resolve(w.admit("fay")) for _ in range(2)))
+    assert results == [None, None]
+    assert await redis.llen(key) == 3  # 2 new + 1 old, not 5
+    got = await MovingWindowRateLimiter(w._storage).get_window_stats(
+        parse("3/minute"), "u", "fay"
+    )
+    assert got.remaining == 1
+    assert await w.hit("fay") is None
+    assert await w.hit("fay") is not None
+    assert await redis.llen(key) == 3
+    await w.close()
