@@ -34,6 +34,9 @@ end
 local function conn_of(value)
   return string.match(value, '^[^|]*|([^|]*)')
 end
+-- A worker's state, read once per script run (a batch of lookups names the same few
+-- workers over and over; no script changes a liveness key after reading one).
+local node_states = {}
 -- 2: live on a live worker; 1: resumable (parked, or its worker died less than
 -- RESUME_WINDOW ago); 0: dead
 local function state(prefix, value)
@@ -43,9 +46,17 @@ local function state(prefix, value)
     if deadline > now_ms() then return 1 end
     return 0
   end
-  if redis.call('EXISTS', prefix .. node) == 1 then return 2 end
-  if redis.call('EXISTS', prefix .. node .. ':seen') == 1 then return 1 end
-  return 0
+  local st = node_states[node]
+  if st == nil then
+    st = 0
+    if redis.call('EXISTS', prefix .. node) == 1 then
+      st = 2
+    elseif redis.call('EXISTS', prefix .. node .. ':seen') == 1 then
+      st = 1
+    end
+    node_states[node] = st
+  end
+  return st
 end
 local function live(key, prefix)
   local h = redis.call('HGETALL', key)

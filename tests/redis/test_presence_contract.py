@@ -91,6 +91,21 @@ async def test_devices_of_a_dead_node_vanish_and_free_the_limit(twin: Twin) -> N
     assert (await p.claim("u", "d2", B1, 1)).ok
 
 
+async def test_one_lookup_tells_live_and_dead_workers_apart(twin: Twin) -> None:
+    """A batch names the same workers again and again (Redis reads each one's state once
+    per lookup): every user still gets its own worker's answer."""
+    p = twin.p
+    for node in ("A", "B", "C"):
+        await p.heartbeat(node, [])
+    C1, C2 = Location("C", "C.1"), Location("C", "C.2")
+    for user, loc in (("u", A1), ("v", C1), ("w", B1), ("x", C2), ("y", A2)):
+        assert (await p.claim(user, "d", loc, 10)).ok
+    await twin.kill("C")
+    assert await p.locate(["v", "u", "x", "w", "y"]) == {
+        "u": {"d": A1}, "v": {}, "w": {"d": B1}, "x": {}, "y": {"d": A2},
+    }
+
+
 async def test_heartbeat_restores_lost_registrations_without_overwriting(twin: Twin) -> None:
     p = twin.p
     await p.heartbeat("A", [("u", "d1", A1)])
