@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-PROTOCOLS = ("signaling", "peerjs", "socketio")
+# "signaling-noack": ours with messages that carry no ``id``, so the server sends no ack
+# (PROTOCOL.md §3): the same work per message as the peers, neither of which acknowledges.
+PROTOCOLS = ("signaling", "signaling-noack", "peerjs", "socketio")
 
 
 # --------------------------------------------------------------------------------------
@@ -114,9 +116,10 @@ class Worker:
 
     def _build(self) -> None:
         picows = _import_picows()
-        cls = {"signaling": _signaling_cls, "peerjs": _peerjs_cls, "socketio": _socketio_cls}[
-            self.proto
-        ](picows)
+        cls = {
+            "signaling": _signaling_cls, "signaling-noack": _signaling_cls,
+            "peerjs": _peerjs_cls, "socketio": _socketio_cls,
+        }[self.proto](picows)
         for idx, user, partner, host, port, src in self.spec["conns"]:
             c = cls(self, idx, user, partner, host, port, src)
             self.conns.append(c)
@@ -445,6 +448,8 @@ def _signaling_cls(picows: Any) -> type:
             return f"ws://{self.host}:{self.port}/ws?token={tok}"
 
         def frame(self, t: int, s: int) -> bytes:
+            if self.w.proto == "signaling-noack":
+                return self.prefix + b'%d,"s":%d}}' % (t, s)
             return self.prefix + b'%d,"s":%d},"id":"%d"}' % (t, s, s)
 
         def on_text(self, data: bytes) -> None:

@@ -64,6 +64,23 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def io_calls(pid: int) -> tuple[int, int]:
+    """(syscr, syscw) of /proc/<pid>/io: the read-type and write-type system calls
+    (read/readv/pread, write/writev/pwrite — what libuv, so uvloop and Node, use on sockets;
+    recv/send-family calls are not counted).  (0, 0) when unreadable."""
+    r = w = 0
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("syscr:"):
+                    r = int(line.split()[1])
+                elif line.startswith("syscw:"):
+                    w = int(line.split()[1])
+    except OSError:
+        pass
+    return r, w
+
+
 def open_fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -87,6 +104,18 @@ class Group:
 
     def rss_kb(self) -> int:
         return sum(rss_kb(pid) for pid in self.pids())
+
+    def io(self) -> dict[int, tuple[int, int]]:
+        return {pid: io_calls(pid) for pid in self.pids()}
+
+    @staticmethod
+    def io_delta(
+        before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+    ) -> tuple[int, int]:
+        """Read-type and write-type system calls made between two samples."""
+        r = sum(v[0] - before.get(pid, (0, 0))[0] for pid, v in after.items())
+        w = sum(v[1] - before.get(pid, (0, 0))[1] for pid, v in after.items())
+        return r, w
 
     def rss_by_pid(self) -> dict[int, int]:
         return {pid: rss_kb(pid) for pid in self.pids()}

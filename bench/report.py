@@ -50,6 +50,11 @@ def _loss(r: dict[str, Any]) -> str:
     return text
 
 
+def _calls(r: dict[str, Any]) -> str:
+    calls = r.get("server_syscalls_per_msg")
+    return f"{calls[0]:.2f} / {calls[1]:.2f}" if calls else "–"
+
+
 def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -80,11 +85,12 @@ def markdown(result: dict[str, Any]) -> str:
         if not sel:
             continue
         out += ["", f"## {TITLES[scen]}", "", _table(
-            [*base, "server CPU %", "gen CPU %"],
+            [*base, "server CPU %", "gen CPU %", "server syscalls/msg (read/write)"],
             ([r["server"], _f(r["connections"]), _f(r.get("msgs_per_s")),
               _f(r.get("cpu_s_per_1k"), 3), _lat(r), _loss(r), _f(r.get("rss_per_conn_kb")),
               _f((r.get("server_cpu_pct") or 0) + (r.get("redis_cpu_pct") or 0))
-              if "server_cpu_pct" in r else "–", _f(r.get("gen_cpu_pct"))] for r in sel),
+              if "server_cpu_pct" in r else "–", _f(r.get("gen_cpu_pct")), _calls(r)]
+             for r in sel),
         )]
     sel = [r for r in rows if r["scenario"] == "latency"]
     if sel:

@@ -68,6 +68,15 @@ CROSS: dict[str, tuple[str, Starter]] = {
         "signaling", lambda c: start_signaling(redis=True, instances=2, cpus=c)),
     "socketio-redis-x2": ("socketio", lambda c: start_socketio(instances=2, cpus=c)),
 }
+# Run only when named in --servers: our server with messages that carry no ``id``, so no
+# ack is sent (PROTOCOL.md §3), which is what the peers do for every message.  Not what the
+# targets are measured on (acks on); it shows what the acks cost.
+NOACK_SINGLE: dict[str, tuple[str, Starter]] = {
+    "signaling-memory-noack": ("signaling-noack", SINGLE["signaling-memory"][1]),
+}
+NOACK_CROSS: dict[str, tuple[str, Starter]] = {
+    "signaling-redis-x2-noack": ("signaling-noack", CROSS["signaling-redis-x2"][1]),
+}
 
 
 def log(msg: str) -> None:
@@ -180,11 +189,12 @@ class Bench:
             marks: dict[str, Any] = {}
 
             def on_window(edge: str) -> None:
-                marks[edge] = (server.cpu(), redis.cpu(), genp.cpu(), time.monotonic())
+                marks[edge] = (server.cpu(), redis.cpu(), genp.cpu(), time.monotonic(),
+                               server.io())
 
             st = gen.run(mode, warmup=a.warmup, duration=a.duration, window=window, rate=rate,
                          drain=a.drain, on_window=on_window)
-            (s0, r0, g0, t0), (s1, r1, g1, t1) = marks["start"], marks["end"]
+            (s0, r0, g0, t0, io0), (s1, r1, g1, t1, io1) = marks["start"], marks["end"]
             wall = t1 - t0
             cpu_server = Group.cpu_delta(s0, s1)
             cpu_redis = Group.cpu_delta(r0, r1)
@@ -192,7 +202,7 @@ class Bench:
             row.update(
                 sent=st.sent, delivered=st.delivered, lost=st.lost,
                 loss_pct=round(100 * st.lost / st.sent, 4) if st.sent else 0.0,
-                acks=st.acks if proto == "signaling" else None,
+                acks=st.acks if proto.startswith("signaling") else None,
                 errors=dict(st.errors), out_of_order=st.out_of_order, undelivered=dict(st.diag),
                 msgs_per_s=round(msgs / a.duration, 1),
                 server_cpu_s=round(cpu_server, 2), redis_cpu_s=round(cpu_redis, 2),
@@ -200,6 +210,9 @@ class Bench:
                 redis_cpu_pct=round(100 * cpu_redis / wall, 1),
                 gen_cpu_pct=round(100 * Group.cpu_delta(g0, g1) / wall, 1),
                 cpu_s_per_1k=round(1000 * (cpu_server + cpu_redis) / msgs, 4) if msgs else None,
+                # the server processes' read/write system calls per delivered message
+                server_syscalls_per_msg=[round(n / msgs, 2) for n in Group.io_delta(io0, io1)]
+                if msgs else None,
                 p50_ms=st.percentile_ms(50), p99_ms=st.percentile_ms(99),
                 p999_ms=st.percentile_ms(99.9),
                 max_ms=st.lat_us[-1] / 1000 if st.lat_us else None,
@@ -231,7 +244,14 @@ class Bench:
 
     # -- scenarios
 
-    def _closed_loop(self, scenario: str, servers: dict[str, tuple[str, Starter]]) -> None:
+    def _closed_loop(
+        self,
+        scenario: str,
+        servers: dict[str, tuple[str, Starter]],
+        on_request: dict[str, tuple[str, Starter]],
+    ) -> None:
+        servers = {**servers, **{k: v for k, v in on_request.items()
+                                 if k in (self.args.servers or ())}}
         for label in self.args.servers or servers:
             if label not in servers:
                 continue
@@ -241,16 +261,17 @@ class Bench:
                          idle_s=self.args.idle if n >= 10000 else 0.0)
 
     def relay(self) -> None:
-        self._closed_loop("relay", SINGLE)
+        self._closed_loop("relay", SINGLE, NOACK_SINGLE)
 
     def cross(self) -> None:
-        self._closed_loop("cross", CROSS)
+        self._closed_loop("cross", CROSS, NOACK_CROSS)
 
     def latency(self) -> None:
+        servers = {**CROSS, **NOACK_CROSS}
         for label in self.args.servers or CROSS:
-            if label not in CROSS:
+            if label not in servers:
                 continue
-            proto, starter = CROSS[label]
+            proto, starter = servers[label]
             for rate in self.args.rates:
                 self.one("latency", label, proto, starter, self.args.latency_conns,
                          mode="rate", rate=rate)
@@ -334,7 +355,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="scenario 5 only: hold --hold-conns connections")
     ap.add_argument("--only", nargs="+", choices=["relay", "cross", "latency"],
                     help="scenarios to run (default: all but 100k)")
-    ap.add_argument("--servers", nargs="+", choices=[*SINGLE, *CROSS])
+    ap.add_argument("--servers", nargs="+",
+                    choices=[*SINGLE, *CROSS, *NOACK_SINGLE, *NOACK_CROSS])
     ap.add_argument("--conns", type=int, nargs="+", help="connection counts (1, 2)")
     ap.add_argument("--rates", type=float, nargs="+", help="offered msg/s (3)")
     ap.add_argument("--latency-conns", type=int, default=1000)

@@ -4,11 +4,15 @@ must arrive.  No npm, no peers."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("picows")
 
 from bench.loadgen import LoadGen  # noqa: E402
+from bench.procstat import Group  # noqa: E402
 from tests.support import SECRET, running, server_env  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -30,3 +34,29 @@ def test_loadgen_relays_without_loss() -> None:
     assert st.out_of_order == 0
     assert st.percentile_ms(50) is not None
     assert status["dropped"] == 0
+
+
+def test_loadgen_without_ids_gets_no_acks_and_loses_nothing() -> None:
+    """The ``signaling-noack`` variant: messages without ``id`` are relayed, never acked."""
+    env = server_env(None, RATE_LIMIT="1000000/second")
+    with running(env, extra_args=["--no-access-logs"]) as server:
+        gen = LoadGen("signaling-noack", [("127.0.0.1", server.port)], 10, procs=1,
+                      secret=SECRET)
+        with gen:
+            assert gen.connect()["connected"] == 10
+            st = gen.run("closed", warmup=0.3, duration=1.0, window=2, drain=5.0)
+    assert st.delivered > 0
+    assert st.lost == 0, (st.sent, st.delivered, st.errors)
+    assert st.acks == 0
+    assert not st.errors
+
+
+def test_io_calls_count_a_process_system_calls(tmp_path: Path) -> None:
+    me = Group([os.getpid()])
+    before = me.io()
+    target = tmp_path / "x"
+    for _ in range(50):
+        target.write_bytes(b"x")
+        target.read_bytes()
+    reads, writes = Group.io_delta(before, me.io())
+    assert reads >= 50 and writes >= 50, (reads, writes)
