@@ -4,6 +4,7 @@ must arrive.  No npm, no peers."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -60,3 +61,22 @@ def test_io_calls_count_a_process_system_calls(tmp_path: Path) -> None:
         target.read_bytes()
     reads, writes = Group.io_delta(before, me.io())
     assert reads >= 50 and writes >= 50, (reads, writes)
+
+
+@pytest.mark.parametrize("backplane", ["memory", "redis"])
+def test_core_bench_counts_every_message_it_measures(backplane: str, tmp_path: Path) -> None:
+    """bench/core.py: the socket-free routing loop delivers and acks what it sends, and
+    reports a cost per message."""
+    from bench import core
+
+    out = tmp_path / "core.json"
+    argv = ["--pairs", "20", "--seconds", "0.5", "--repeat", "1", "--warmup", "0.2",
+            "--no-pin", "--json", str(out)]
+    assert core.main(argv + (["--memory"] if backplane == "memory" else [])) == 0
+    summary = json.loads(out.read_text())
+    (run,) = summary["runs"]
+    assert summary["backplane"] == backplane
+    assert run["delivered"] > 0
+    assert abs(run["acks"] - run["delivered"]) <= 20  # one in flight per user at the edges
+    assert run["python_us_per_msg"] > 0
+    assert (run["redis_us_per_msg"] > 0) == (backplane == "redis")
