@@ -119,6 +119,7 @@ async def _measure(args: argparse.Namespace, redis_url: str | None, redis_pid: i
         await rt.start()
     loop = Loop(runtimes, args.pairs, args.noack)
     out: list[dict[str, Any]] = []
+    thresholds = gc.get_threshold()
     try:
         await loop.start()
         gc.freeze()
@@ -140,6 +141,8 @@ async def _measure(args: argparse.Namespace, redis_url: str | None, redis_pid: i
             })
             print(json.dumps(out[-1]), flush=True)
     finally:
+        gc.unfreeze()  # as it was: main() may run inside another program (the tests)
+        gc.set_threshold(*thresholds)
         await loop.stop()
         for rt in runtimes:
             await rt.close()

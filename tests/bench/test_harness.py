@@ -4,6 +4,7 @@ must arrive.  No npm, no peers."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -72,7 +73,9 @@ def test_core_bench_counts_every_message_it_measures(backplane: str, tmp_path: P
     out = tmp_path / "core.json"
     argv = ["--pairs", "20", "--seconds", "0.5", "--repeat", "1", "--warmup", "0.2",
             "--no-pin", "--json", str(out)]
+    thresholds = gc.get_threshold()
     assert core.main(argv + (["--memory"] if backplane == "memory" else [])) == 0
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0  # left as found
     summary = json.loads(out.read_text())
     (run,) = summary["runs"]
     assert summary["backplane"] == backplane
