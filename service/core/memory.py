@@ -42,10 +42,12 @@ class MemoryCluster:
         now = self.clock()
         if loc.node == PARKED:
             return RESUMABLE if self.parked_until.get(loc.conn, -1.0) > now else DEAD
-        if self.alive(loc.node):
+        until = self.alive_until.get(loc.node)  # one read of the clock and the table
+        if until is None:
+            return DEAD
+        if until > now:
             return LIVE
-        seen = self.alive_until.get(loc.node, -1e18) + self.resume_window
-        return RESUMABLE if seen > now else DEAD
+        return RESUMABLE if until + self.resume_window > now else DEAD
 
     def live(self, table: dict[K, Location]) -> dict[K, Location]:
         """Entries that count as online; resumable ones shown as parked."""

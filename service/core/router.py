@@ -204,17 +204,23 @@ class Router:
         assert msg.type in DIRECT_TYPES
         found = await (early if early is not None else self.hub.presence.locate([msg.to]))
         located = found.get(msg.to, {})
-        targets = {
-            device: loc
-            for device, loc in located.items()
-            if (msg.to_device is None or device == msg.to_device)
-            and not (msg.to == session.user_id and device == session.device_id)
-        }
+        if msg.to_device is None and msg.to != session.user_id:
+            targets = located  # every device (the lookup's answer is this call's own dict)
+        else:
+            targets = {
+                device: loc
+                for device, loc in located.items()
+                if (msg.to_device is None or device == msg.to_device)
+                and not (msg.to == session.user_id and device == session.device_id)
+            }
         ts = self._clock_ms()
         delivered = 0
         if targets:
             frame = encode_direct(msg, session.user_id, session.device_id, ts)
-            delivered = await self._route(msg.to, targets, frame, ts)
+            # local devices now; an await only when a device is on another worker or parked
+            delivered, remote, parked = self._deliver_local(msg.to, targets, frame)
+            if remote or parked:
+                delivered = await self._send_on(msg.to, remote, parked, frame, ts, delivered)
         if delivered == 0:
             raise ProtocolError(Code.PEER_OFFLINE, "no device of the peer is online", msg.id,
                                 to=msg.to)
@@ -224,19 +230,39 @@ class Router:
     async def _route(self, user: str, targets: dict[str, Any], frame: bytes, ts: int) -> int:
         """Local devices straight onto their outboxes; each remote worker gets one envelope.
         Returns the devices the message was handed to."""
+        delivered, remote, parked = self._deliver_local(user, targets, frame)
+        if not remote and not parked:
+            return delivered
+        return await self._send_on(user, remote, parked, frame, ts, delivered)
+
+    def _deliver_local(
+        self, user: str, targets: dict[str, Any], frame: bytes
+    ) -> tuple[int, dict[str, list[str]], list[str]]:
+        """Hand ``frame`` to the devices of ``targets`` on this worker; returns how many took
+        it, the other devices by worker, and the parked ones (for ``_send_on``)."""
         me = self.hub.node_id
-        backplane = self.hub.backplane
-        local = [d for d, loc in targets.items() if loc.node == me]
-        delivered = self.hub.deliver(user, local, frame) if local else 0
+        local: list[str] = []
         remote: dict[str, list[str]] = {}
         parked: list[str] = []
         for device, loc in targets.items():
-            if loc.node == PARKED:
+            node = loc.node
+            if node == me:
+                local.append(device)
+            elif node == PARKED:
                 parked.append(device)
-            elif loc.node != me:
-                remote.setdefault(loc.node, []).append(device)
-        if not remote and not parked:
-            return delivered
+            else:
+                remote.setdefault(node, []).append(device)
+        delivered = self.hub.deliver(user, local, frame) if local else 0
+        return delivered, remote, parked
+
+    async def _send_on(
+        self, user: str, remote: dict[str, list[str]], parked: list[str], frame: bytes,
+        ts: int, delivered: int,
+    ) -> int:
+        """One envelope per remote worker, one kept frame per parked device; returns
+        ``delivered`` (the local count) plus the devices these reached.  Raises the
+        backplane's error when nothing at all was delivered."""
+        backplane = self.hub.backplane
         nodes = list(remote)
         sends = [
             backplane.send(n, Envelope("deliver", user, tuple(remote[n]), frame, ts=ts))
