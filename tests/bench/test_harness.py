@@ -80,6 +80,9 @@ def test_core_bench_counts_every_message_it_measures(backplane: str, tmp_path: P
     (run,) = summary["runs"]
     assert summary["backplane"] == backplane
     assert run["delivered"] > 0
-    assert abs(run["acks"] - run["delivered"]) <= 20  # one in flight per user at the edges
+    # each of the 40 users has one message in flight: at each edge of the window its
+    # delivery and its ack may fall on either side
+    assert abs(run["acks"] - run["delivered"]) <= 2 * 40, run
+    assert run["acks"] > run["delivered"] / 2
     assert run["python_us_per_msg"] > 0
     assert (run["redis_us_per_msg"] > 0) == (backplane == "redis")
