@@ -82,6 +82,7 @@ return out
 """
 
 LEASE_S = 0.05  # how long a lease's slots may be spent
+KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
 
 
@@ -103,6 +104,7 @@ class RedisLimiter:
         self._lease_cap = int(self._item.amount * LEASE_SHARE)
         # user -> [slots left, lapses at (monotonic), messages counted since it was taken]
         self._leases: dict[str, list[float]] = {}
+        self._keys: dict[str, str] = {}  # user -> limits' key (see ``_key``)
         self._lease_sweep = time.monotonic() + period
         self.acquisitions = 0  # pipelines sent (tests and benchmarks read it)
 
@@ -135,8 +137,15 @@ class RedisLimiter:
         return await self.admit(user)  # type: ignore[misc]
 
     def _key(self, user: str) -> str:
-        # limits' own key and script (pinned limits 5.x), so its strategy sees the same window
-        return str(self._storage.bridge.prefixed_key(self._item.key_for("u", user)))
+        # limits' own key and script (pinned limits 5.x), so its strategy sees the same window;
+        # built once per user (limits' key_for is a microsecond), the cache bounded
+        key = self._keys.get(user)
+        if key is None:
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()
+            key = str(self._storage.bridge.prefixed_key(self._item.key_for("u", user)))
+            self._keys[user] = key
+        return key
 
     def _lease_size(self, user: str, now: float) -> int:
         """Slots to take ahead for ``user``: a sender that used up its lease gets twice

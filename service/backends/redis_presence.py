@@ -233,9 +233,24 @@ def _member_field(member: Member) -> str:
     return f"{member[0]}/{member[1]}"  # identifiers never contain "/"
 
 
+# Decoded locations by their stored form: every lookup of a recipient reads the same few
+# values again, and a Location is immutable.  Bounded: emptied when full.
+_LOCATIONS: dict[bytes | str, Location] = {}
+_LOCATIONS_MAX = 16384
+
+
+def _location(raw: bytes | str) -> Location:
+    loc = _LOCATIONS.get(raw)
+    if loc is None:
+        if len(_LOCATIONS) >= _LOCATIONS_MAX:
+            _LOCATIONS.clear()
+        loc = _LOCATIONS[raw] = Location.decode(_s(raw))
+    return loc
+
+
 def _pairs(row: list[bytes]) -> Iterable[tuple[str, Location]]:
     for i in range(0, len(row), 2):
-        yield _s(row[i]), Location.decode(_s(row[i + 1]))
+        yield _s(row[i]), _location(row[i + 1])
 
 
 class RedisPresence:

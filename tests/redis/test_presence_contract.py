@@ -262,3 +262,21 @@ async def test_a_claim_after_a_redis_restart_is_not_failed_by_dead_pooled_connec
         await redis.aclose()
     finally:
         server.stop()
+
+
+def test_decoded_locations_are_shared_and_their_cache_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.backends import redis_presence as rp
+
+    monkeypatch.setattr(rp, "_LOCATIONS", {})
+    monkeypatch.setattr(rp, "_LOCATIONS_MAX", 4)
+    for i in range(10):
+        raw = f"W{i}|W{i}.c{i}".encode()
+        loc = rp._location(raw)
+        assert loc == Location(f"W{i}", f"W{i}.c{i}")
+        assert rp._location(raw) is loc
+        assert len(rp._LOCATIONS) <= 4
+    assert dict(rp._pairs([b"d1", b"~|A.1|123", b"d2", b"B|B.1"])) == {
+        "d1": Location(PARKED, "A.1"), "d2": Location("B", "B.1"),
+    }

@@ -132,3 +132,18 @@ async def test_window_list_is_trimmed_to_the_limit_when_old_slots_overflow_it(
     assert await w.hit("fay") is not None
     assert await redis.llen(key) == 3
     await w.close()
+
+
+async def test_built_keys_are_limits_own_and_their_cache_is_bounded(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.backends.redis_limits as rl
+
+    monkeypatch.setattr(rl, "KEY_CACHE_MAX", 8)
+    w = redis_rate_limiter(redis_url, redis, "5/minute")
+    for i in range(20):
+        key = w._key(f"user{i}")
+        assert key == "sig:rl:" + parse("5/minute").key_for("u", f"user{i}")
+        assert w._key(f"user{i}") is key  # built once
+        assert len(w._keys) <= 8
+    await w.close()
