@@ -82,8 +82,8 @@ return out
 """
 
 LEASE_S = 0.05  # how long a lease's slots may be spent
-KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
+KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 
 
 class RedisLimiter:

@@ -396,7 +396,6 @@ class Router:
         session.push(encode_error(err))
 
 
-
 def _abandon(pending: Awaitable[Any]) -> None:
     """A lookup started for a message that was then refused: its outcome is not needed
     (and a failure of it must not be logged as never retrieved)."""
