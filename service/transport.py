@@ -23,6 +23,7 @@ from . import metrics
 from .auth import SUBPROTOCOL, Identity, extract_token
 from .core.contracts import Location
 from .core.hub import TooManyDevices
+from .core.router import Router
 from .core.session import Session
 from .errors import AuthError, Close, HttpCode
 from .ice import ice_fields
@@ -140,6 +141,9 @@ class LeanWebsocket(WebsocketImplProtocol):
         self.closing: asyncio.Future[None] | None = None
         self.ping_sent_at = 0.0  # monotonic time of an unanswered ping, or 0
         self.ping_due = time.monotonic()  # when the Pinger last considered this socket
+        # (router, session) while the read loop runs on an inline-capable router: frames
+        # are then handled in ``data_received`` when they can be (``_handle_inline``)
+        self.fast: tuple[Router, Session] | None = None
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
         self.io_proto = io_proto
@@ -230,12 +234,33 @@ class LeanWebsocket(WebsocketImplProtocol):
                 return self._fail(1002, "unknown opcode")
         if pos < end:
             self._rest = data[pos:]
+        if inbox and self.fast is not None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                self._handle_inline(inbox)
+                if not inbox and not self.finished:
+                    return  # every frame handled: the read loop sleeps on
         if len(inbox) >= INBOX_PAUSE and not self._paused:
             transport = self.io_proto.transport if self.io_proto is not None else None
             if transport is not None:
                 self._paused = True
                 transport.pause_reading()
         self.wake()
+
+    def _handle_inline(self, inbox: list[tuple[bool, bytes]]) -> None:
+        """Handle what the router can handle at once (``Router.handle_now``) from the front
+        of ``inbox``, here in the read callback; the rest stays for the read loop, in
+        order.  Only while the read loop waits on an empty inbox: nothing of this
+        connection is then in progress, so per-connection order holds."""
+        assert self.fast is not None
+        router, session = self.fast
+        done = 0
+        for is_text, data in inbox:
+            if not is_text or not router.handle_now(session, data):
+                break
+            done += 1
+        if done:
+            del inbox[:done]
 
     def _close_received(self, payload: bytes) -> None:
         """Echo the client's close frame (or answer ours), then end the TCP connection."""
@@ -636,22 +661,29 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
     router = rt.router
     admit = rt.limiter.admit
     user = session.user_id
-    while not session.closed:
-        batch = await ws.next_messages()
-        if not batch:
-            return  # closed by the peer, by us, or by the network
-        # every message of the batch asks the limiter at once: one Redis pipeline per tick
-        admissions = [admit(user) for _ in batch]
-        for i, ((is_text, data), admission) in enumerate(zip(batch, admissions, strict=True)):
-            if session.closed:
-                for rest in admissions[i:]:
-                    if isinstance(rest, asyncio.Future):
-                        rest.add_done_callback(_ignore_outcome)
-                return
-            if is_text:
-                await router.handle(session, data, admission, counted=True)
-            else:
-                await router.handle_binary(session, admission, counted=True)
+    if router.inline:
+        ws.fast = (router, session)
+    try:
+        while not session.closed:
+            batch = await ws.next_messages()
+            if not batch:
+                return  # closed by the peer, by us, or by the network
+            # every message of the batch asks the limiter at once: one Redis pipeline per tick
+            admissions = [admit(user) for _ in batch]
+            for i, ((is_text, data), admission) in enumerate(
+                zip(batch, admissions, strict=True)
+            ):
+                if session.closed:
+                    for rest in admissions[i:]:
+                        if isinstance(rest, asyncio.Future):
+                            rest.add_done_callback(_ignore_outcome)
+                    return
+                if is_text:
+                    await router.handle(session, data, admission, counted=True)
+                else:
+                    await router.handle_binary(session, admission, counted=True)
+    finally:
+        ws.fast = None
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

@@ -87,6 +87,8 @@ KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 
 
 class RedisLimiter:
+    synchronous = False  # ``admit`` answers with a future (the tick's batch)
+
     def __init__(
         self, storage: RedisStorage, redis: Redis, rate: str, lane: Lane | None = None
     ) -> None:

@@ -339,6 +339,9 @@ class RedisPresence:
         )
         return sorted(_s(r) for r in rooms)
 
+    def locate_now(self, users: Sequence[str]) -> None:
+        return None  # the answer is in Redis: ``locate``
+
     def locate(self, users: Sequence[str]) -> _Located:
         """Every lookup of one loop tick shares one script call (senders look up their
         recipients on every direct message).  The lookup joins this tick's batch at the

@@ -92,6 +92,10 @@ class Presence(Protocol):
         batches lookups registers this one at the call (so a caller may start it before it
         knows it will need the answer); one that does not may look up at the await."""
 
+    def locate_now(self, users: Sequence[str]) -> Located | None:
+        """``locate``'s answer right now when this backend holds it in this process (the
+        memory twin); None when it does not (the caller must then use ``locate``)."""
+
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         """The connection at ``loc`` dropped without a clean close: keep the device online,
         its rooms and its messages for ``window`` seconds.  False if a newer connection
@@ -182,6 +186,10 @@ class RateLimiter(Protocol):
 
     @property
     def period_s(self) -> int: ...
+
+    @property
+    def synchronous(self) -> bool:
+        """True when ``admit`` never answers with a future (an in-process count)."""
 
     def admit(self, user: str) -> Admission:
         """Count one message; None when allowed, else seconds until one would be — or a

@@ -124,8 +124,11 @@ class MemoryPresence:
                 adopted.append(room)
         return adopted
 
-    async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
+    def locate_now(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         return {u: self.cluster.live(self.cluster.devices.get(u, {})) for u in users}
+
+    async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
+        return self.locate_now(users)
 
     async def heartbeat(
         self,

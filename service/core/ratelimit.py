@@ -38,6 +38,8 @@ class WindowLimiter:
     active user, slots of 1/1000 of the period, so a user costs at most 1,000 entries
     whatever the limit.  Users idle for a whole period are forgotten."""
 
+    synchronous = True  # ``admit`` answers at once
+
     def __init__(self, rate: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self.period_s = parse_rate(rate)
         self._slot = self.period_s / 1000

@@ -32,9 +32,12 @@ class FakeClock:
 class Node:
     """One simulated worker: a hub and a router on the shared in-memory cluster."""
 
-    def __init__(self, name: str, cluster: MemoryCluster, rate: str, **hub_kw: Any) -> None:
+    def __init__(
+        self, name: str, cluster: MemoryCluster, rate: str, inline: bool = False, **hub_kw: Any
+    ) -> None:
         self.hub = Hub(name, MemoryPresence(cluster), MemoryBackplane(cluster), **hub_kw)
         self.router = Router(self.hub, memory_rate_limiter(rate))
+        self.inline = inline  # frames go as the edge sends them: ``handle_now`` first
         self._n = 0
 
     def session(self, user: str, device: str, **kw: Any) -> TSession:
@@ -56,8 +59,15 @@ class Node:
         return session
 
     async def send(self, session: Session, **msg: Any) -> None:
-        await self.router.handle(session, json.dumps(msg))
+        await self.handle(session, json.dumps(msg))
         await settle()
+
+    async def handle(self, session: Session, frame: str) -> None:
+        """One frame, the way the edge hands it over (``inline``: the read callback tries
+        ``handle_now`` and passes what it refused to ``handle``)."""
+        if self.inline and self.router.handle_now(session, frame.encode()):
+            return
+        await self.router.handle(session, frame)
 
 
 async def settle() -> None:
@@ -80,10 +90,17 @@ def cluster(clock: FakeClock) -> MemoryCluster:
     return MemoryCluster(ttl=15, clock=clock, resume_window=10)
 
 
+@pytest.fixture(params=[False, True], ids=["handle", "inline"])
+def inline(request: pytest.FixtureRequest) -> bool:
+    """Every core test runs twice: frames through ``Router.handle`` only, and the way the
+    edge hands them over (``handle_now`` first)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def make_node(cluster: MemoryCluster) -> Callable[..., Any]:
+def make_node(cluster: MemoryCluster, inline: bool) -> Callable[..., Any]:
     async def make(name: str, rate: str = "1000/second", **kw: Any) -> Node:
-        node = Node(name, cluster, rate, **kw)
+        node = Node(name, cluster, rate, inline, **kw)
         await node.hub.start()
         return node
 

@@ -31,7 +31,7 @@ async def test_payload_bytes_are_forwarded_untouched(make_node):
     alice = await a.connect("alice", "a1")
     bob = await b.connect("bob", "b1")
     raw_payload = '{ "sdp" :"v=0\\r\\n\\u00e9" ,"n":1.50e3 }'
-    await a.router.handle(alice, '{"type":"answer","to":"bob","payload":' + raw_payload + "}")
+    await a.handle(alice, '{"type":"answer","to":"bob","payload":' + raw_payload + "}")
     from tests.core.conftest import settle
 
     await settle()
@@ -73,7 +73,7 @@ async def test_order_is_preserved_per_sender(make_node):
     alice = await a.connect("alice", "a1")
     bob = await b.connect("bob", "b1")
     for i in range(100):
-        await a.router.handle(alice, json.dumps({"type": "candidate", "to": "bob", "payload": i}))
+        await a.handle(alice, json.dumps({"type": "candidate", "to": "bob", "payload": i}))
     from tests.core.conftest import settle
 
     await settle()
@@ -127,7 +127,7 @@ async def test_disconnect_releases_presence(make_node):
 async def test_ping_and_errors_keep_going(make_node):
     a = await make_node("A")
     s = await a.connect("alice", "a1")
-    await a.router.handle(s, "{nope")
+    await a.handle(s, "{nope")
     await a.router.handle_binary(s)
     await a.send(s, type="what", id="u")
     await a.send(s, type="ping", id="p")
@@ -161,7 +161,7 @@ async def test_sustained_abuse_closes_with_1008(make_node):
     a = await make_node("A", rate="1/minute")
     s = await a.connect("abuser", "d")
     for _ in range(60):
-        await a.router.handle(s, '{"type":"ping"}')
+        await a.handle(s, '{"type":"ping"}')
     assert s.closed and s.close_code == 1008
     assert s.closes == [(1008, "sustained abuse")]
 
@@ -267,3 +267,82 @@ async def test_a_lookup_started_before_admission_is_used_or_dropped_quietly(make
     assert frames(alice)[-1]["code"] == "rate_limited"
     assert frames(bob) == []
     assert unretrieved == []
+
+
+class _BatchingLimiter:
+    """A limiter that answers with futures, like the Redis one: nothing can be inline."""
+
+    synchronous = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.limit, self.period_s = inner.limit, inner.period_s
+
+    def admit(self, user: str) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(self.inner.admit(user))
+        return fut
+
+
+async def test_handle_now_does_nothing_when_it_cannot_finish_at_once(make_node):
+    a, b = await make_node("A", rate="3/minute"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    carol = await b.connect("carol", "c1")
+    dave = await a.connect("dave", "d1")
+    await a.hub.disconnect(dave, park=True)  # parked: kept through the backplane
+    refused = [
+        b'{"type":"ping","id":"p"}',  # not a direct message
+        b"{nope",  # answered by ``handle``
+        b'{"type":"offer","to":"carol","payload":1}',  # on another worker
+        b'{"type":"offer","to":"dave","payload":1}',  # parked
+    ]
+    for frame in refused:
+        assert a.router.handle_now(alice, frame) is False
+    await settle()
+    assert frames(alice) == [] and frames(bob) == [] and frames(carol) == []
+    # nothing was counted: the budget of 3 is whole, and the inline path spends it
+    for i in range(3):
+        assert a.router.handle_now(alice, b'{"type":"offer","to":"bob","payload":%d,"id":"m%d"}'
+                                   % (i, i)) is True
+    assert [f["payload"] for f in frames(bob)] == [0, 1, 2]
+    assert frames(alice) == [{"type": "ack", "id": f"m{i}", "devices": 1} for i in range(3)]
+    assert a.router.handle_now(alice, b'{"type":"offer","to":"bob","payload":3,"id":"m3"}')
+    [err] = frames(alice)
+    assert err["code"] == "rate_limited" and err["id"] == "m3" and frames(bob) == []
+
+
+async def test_handle_now_answers_peer_offline_and_never_echoes_to_the_sender(make_node):
+    a = await make_node("A")
+    alice1 = await a.connect("alice", "a1")
+    alice2 = await a.connect("alice", "a2")
+    assert a.router.handle_now(alice1, b'{"type":"offer","to":"nobody","payload":1,"id":"x"}')
+    [err] = frames(alice1)
+    assert err["code"] == "peer_offline" and err["id"] == "x" and err["to"] == "nobody"
+    assert a.router.handle_now(alice1, b'{"type":"candidate","to":"alice","payload":2,"id":"y"}')
+    assert frames(alice1) == [{"type": "ack", "id": "y", "devices": 1}]
+    [got] = frames(alice2)
+    assert got["from_device"] == "a1" and got["payload"] == 2
+
+
+async def test_handle_now_is_off_with_a_limiter_that_batches(make_node):
+    a = await make_node("A")
+    a.router = type(a.router)(a.hub, _BatchingLimiter(a.router.limiter))
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    assert a.router.inline is False
+    assert a.router.handle_now(alice, b'{"type":"offer","to":"bob","payload":1}') is False
+    assert frames(bob) == []
+    await a.router.handle(alice, b'{"type":"offer","to":"bob","payload":1}')
+    assert [f["payload"] for f in frames(bob)] == [1]
+
+
+async def test_sustained_abuse_inline_closes_with_1008(make_node):
+    a = await make_node("A", rate="1/minute")
+    s = await a.connect("abuser", "d")
+    await a.connect("victim", "v")
+    for _ in range(60):
+        a.router.handle_now(s, b'{"type":"offer","to":"victim","payload":1}')
+    assert s.closed and s.close_code == 1008
+    assert s.closes == [(1008, "sustained abuse")]
+    assert a.router.handle_now(s, b'{"type":"offer","to":"victim","payload":1}') is False

@@ -137,3 +137,57 @@ async def test_frames_split_anywhere_pings_answered_and_violations_closed() -> N
             close = [payload for op, payload in got if op == 0x8]
             assert close and struct.unpack("!H", close[0][:2])[0] == code, (bad, got)
             writer.close()
+
+
+async def _read_n(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
+    frames: list[tuple[int, bytes]] = []
+    while len(frames) < count:
+        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await reader.readexactly(2))
+        frames.append((b0 & 0x0F, await reader.readexactly(n)))
+    return frames
+
+
+async def test_replies_keep_frame_order_across_the_inline_and_queued_paths() -> None:
+    """Direct messages to a local peer are handled in the read callback, everything else by
+    the connection's read loop: frames written in one go, mixed, are answered in order."""
+    with running(server_env(None)) as server:
+        alice, bob = uid("alice"), uid("bob")
+        a_reader, a_writer = await raw_upgrade(server, alice)
+        b_reader, b_writer = await raw_upgrade(server, bob)
+        for reader in (a_reader, b_reader):
+            [(_, welcome)] = await _read_n(reader, 1)
+            assert json.loads(welcome)["type"] == "welcome"
+
+        def offer(to: str, i: str) -> bytes:
+            return client_frame(0x1, json.dumps(
+                {"type": "offer", "to": to, "payload": {"n": i}, "id": i}).encode())
+
+        a_writer.write(b"".join([
+            offer(bob, "m1"),
+            client_frame(0x1, b'{"type":"ping","id":"p1"}'),
+            offer(bob, "m2"),
+            offer(uid("nobody"), "m3"),
+            client_frame(0x2, b"\x00"),
+            offer(bob, "m4"),
+            client_frame(0x1, json.dumps({"type": "presence", "users": [bob], "id": "q"})
+                         .encode()),
+            offer(bob, "m5"),
+        ]))
+        got = [json.loads(p) for _, p in await _read_n(a_reader, 8)]
+        assert [(f["type"], f.get("id"), f.get("code")) for f in got] == [
+            ("ack", "m1", None),
+            ("pong", "p1", None),
+            ("ack", "m2", None),
+            ("error", "m3", "peer_offline"),
+            ("error", None, "bad_frame"),
+            ("ack", "m4", None),
+            ("presence", "q", None),
+            ("ack", "m5", None),
+        ]
+        delivered = [json.loads(p) for _, p in await _read_n(b_reader, 4)]
+        assert [f["payload"]["n"] for f in delivered] == ["m1", "m2", "m4", "m5"]
+        a_writer.close()
+        b_writer.close()
