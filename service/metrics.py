@@ -104,8 +104,9 @@ _BATCH = _Batch()
 
 def count_sent(frames: int) -> None:
     """Frames written to clients (batched like the core's counters)."""
-    _BATCH.sent += frames
-    _BATCH.schedule()
+    if frames:
+        _BATCH.sent += frames
+        _BATCH.schedule()
 
 
 def flush() -> None:

@@ -9,8 +9,9 @@ re-serialises them.  ``parse`` either returns a message or raises
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -34,14 +35,29 @@ class _Head(msgspec.Struct):
     id: Any = msgspec.UNSET
 
 
-class Direct(msgspec.Struct):
-    """offer / answer / candidate / bye (§3)."""
+class DirectFields(msgspec.Struct):
+    """What the router reads of a direct message (``Direct`` or ``parse_direct``'s)."""
 
     type: str
-    to: Ident
-    to_device: Ident | None = None
+    to: str
+    to_device: str | None = None
     payload: msgspec.Raw = NULL
     id: str | None = None
+
+
+class Direct(DirectFields):
+    """offer / answer / candidate / bye (§3)."""
+
+    to: Ident
+    to_device: Ident | None = None
+
+
+class _CheckedDirect(DirectFields):
+    """``parse``'s checks of a direct message but the identifier pattern (which msgspec runs
+    through ``re`` for every frame: ``parse_direct`` remembers identifiers it has seen)."""
+
+    type: Literal["offer", "answer", "candidate", "bye"]
+    id: Annotated[str, msgspec.Meta(max_length=MAX_ID_LEN)] | None = None
 
 
 class Ping(msgspec.Struct):
@@ -143,6 +159,36 @@ def parse(frame: str | bytes) -> Message:
     return msg
 
 
+_direct = msgspec.json.Decoder(_CheckedDirect)
+_ident = re.compile(IDENT_PATTERN).search  # as msgspec applies a pattern
+IDENT_CACHE_MAX: Final = 16384  # identifiers remembered as valid (emptied when full)
+_valid_idents: set[str] = set()
+
+
+def _is_ident(value: str) -> bool:
+    if value in _valid_idents:
+        return True
+    if _ident(value) is None:
+        return False
+    if len(_valid_idents) >= IDENT_CACHE_MAX:
+        _valid_idents.clear()
+    _valid_idents.add(value)
+    return True
+
+
+def parse_direct(frame: bytes) -> DirectFields | None:
+    """The direct message (§3) in ``frame`` when it is a valid one: what ``parse`` would
+    return, in one decode.  None for anything else (another type, or any error): the caller
+    must then use ``parse``, which names the error."""
+    try:
+        msg = _direct.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not _is_ident(msg.to) or (msg.to_device is not None and not _is_ident(msg.to_device)):
+        return None
+    return msg
+
+
 def _describe(exc: msgspec.ValidationError) -> str:
     """msgspec's message names the field and the rule, never the value sent."""
     text = str(exc)
@@ -171,7 +217,7 @@ def encode_error(err: ProtocolError) -> bytes:
     return _encode(body)
 
 
-def encode_direct(msg: Direct, from_user: str, from_device: str, ts: int) -> bytes:
+def encode_direct(msg: DirectFields, from_user: str, from_device: str, ts: int) -> bytes:
     """The frame each recipient device receives (§3); built once per message, not per device."""
     body: dict[str, Any] = {
         "type": msg.type,
@@ -183,6 +229,12 @@ def encode_direct(msg: Direct, from_user: str, from_device: str, ts: int) -> byt
     if msg.id is not None:
         body["id"] = msg.id
     return _encode(body)
+
+
+def encode_ack(msg_id: str, devices: int) -> bytes:
+    """``{"type":"ack","id":..,"devices":..}`` (§3), byte for byte what ``encode`` makes of
+    that dict, without building one per message."""
+    return b'{"type":"ack","id":' + _encode(msg_id) + b',"devices":%d}' % devices
 
 
 def with_id(body: dict[str, Any], msg_id: str | None) -> bytes:

@@ -496,24 +496,31 @@ class Flusher:
     def flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
+        sent = 0
         for session, ws in pending:
             try:
-                flush_one(session, ws)
+                sent += flush_one(session, ws)
             except Exception as exc:  # one broken socket must not stall the others
                 log.warning("write failed: %s", type(exc).__name__, exc_info=True)
+        metrics.count_sent(sent)
+
+
+_SHORT_HEADS = [bytes((0x81, n)) for n in range(126)]  # a text frame of n < 126 bytes
 
 
 def _frame_header(n: int) -> bytes:
     if n < 126:
-        return bytes((0x81, n))
+        return _SHORT_HEADS[n]
     if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big")
-    return bytes((0x81, 127)) + n.to_bytes(8, "big")
+        return b"\x81\x7e" + n.to_bytes(2, "big")
+    return b"\x81\x7f" + n.to_bytes(8, "big")
 
 
-def flush_one(session: Session, ws: LeanWebsocket) -> None:
-    """Write what ``session`` has queued; start the close handshake once it is closed."""
+def flush_one(session: Session, ws: LeanWebsocket) -> int:
+    """Write what ``session`` has queued; start the close handshake once it is closed.
+    Returns the frames written (the caller counts them in ``metrics.count_sent``)."""
     frames = session.take()
+    written = 0
     if frames:
         io = ws.io_proto
         transport = io.transport if io is not None else None
@@ -527,7 +534,7 @@ def flush_one(session: Session, ws: LeanWebsocket) -> None:
                 parts.append(_frame_header(len(frame)))
                 parts.append(frame)
             transport.writelines(parts)
-            metrics.count_sent(len(frames))
+            written = len(frames)
             if transport.get_write_buffer_size() > session.max_bytes:
                 session.close(Close.POLICY, "slow consumer")
     if session.closed and not ws.close_started:
@@ -540,6 +547,7 @@ def flush_one(session: Session, ws: LeanWebsocket) -> None:
             ws.closing = asyncio.ensure_future(
                 ws.close(session.close_code or Close.NORMAL, session.close_reason)
             )
+    return written
 
 
 _FLUSHER = Flusher()  # one per worker process (each has one event loop)
@@ -639,7 +647,7 @@ async def _finish(
         await rt.hub.disconnect(session, park=claimed and _resumable(ws, session))
     if not session.closed:
         session.close(Close.NORMAL)
-    flush_one(session, ws)
+    metrics.count_sent(flush_one(session, ws))
     if ws.closing is not None:
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(ws.closing, timeout=rt.settings.redis_timeout + 3)

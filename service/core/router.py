@@ -18,6 +18,7 @@ from ..protocol import (
     DIRECT_TYPES,
     MAX_WATCH_USERS,
     Direct,
+    DirectFields,
     Message,
     Ping,
     PresenceQuery,
@@ -28,10 +29,12 @@ from ..protocol import (
     Unwatch,
     Watch,
     encode,
+    encode_ack,
     encode_direct,
     encode_error,
     now_ms,
     parse,
+    parse_direct,
     with_id,
 )
 from .contracts import PARKED, Envelope, Located, Location, RateLimiter
@@ -129,12 +132,9 @@ class Router:
         suspension per message (about a third of a relayed message's Python)."""
         if not self.inline or session.closed:
             return False
-        try:
-            msg = parse(frame)
-        except ProtocolError:
-            return False  # ``handle`` parses it again and answers (rare)
-        if type(msg) is not Direct:
-            return False
+        msg = parse_direct(frame)
+        if msg is None:
+            return False  # another type, or an error that ``handle`` names
         found = self.hub.presence.locate_now([msg.to])
         if found is None:
             return False
@@ -267,7 +267,7 @@ class Router:
         self._acknowledge(session, msg, delivered)
 
     @staticmethod
-    def _targets(session: Session, msg: Direct, located: dict[str, Location]) -> dict[
+    def _targets(session: Session, msg: DirectFields, located: dict[str, Location]) -> dict[
             str, Location]:
         """The devices of ``msg.to`` (live, from ``located``) that get ``msg``: every one,
         or ``to_device``; never the sending device."""
@@ -280,14 +280,14 @@ class Router:
             and not (msg.to == session.user_id and device == session.device_id)
         }
 
-    def _acknowledge(self, session: Session, msg: Direct, delivered: int) -> None:
+    def _acknowledge(self, session: Session, msg: DirectFields, delivered: int) -> None:
         """The ack (when ``msg`` has an id) for ``delivered`` devices; none is
         ``peer_offline``."""
         if delivered == 0:
             raise ProtocolError(Code.PEER_OFFLINE, "no device of the peer is online", msg.id,
                                 to=msg.to)
         if msg.id is not None:
-            session.push(encode({"type": "ack", "id": msg.id, "devices": delivered}))
+            session.push(encode_ack(msg.id, delivered))
 
     async def _route(self, user: str, targets: dict[str, Any], frame: bytes, ts: int) -> int:
         """Local devices straight onto their outboxes; each remote worker gets one envelope.

@@ -8,8 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service import protocol
 from service.errors import Code, ProtocolError
-from service.protocol import Direct, PresenceQuery, encode_direct, parse
+from service.protocol import (
+    IDENT_CACHE_MAX,
+    Direct,
+    PresenceQuery,
+    encode,
+    encode_ack,
+    encode_direct,
+    parse,
+    parse_direct,
+)
 
 
 def code_of(frame: str | bytes) -> tuple[str, str | None]:
@@ -88,3 +98,48 @@ def test_parse_never_raises_anything_undocumented(frame: str | bytes) -> None:
     except ProtocolError as exc:
         assert exc.code.value in DOCUMENTED
         assert exc.msg_id is None or (isinstance(exc.msg_id, str) and len(exc.msg_id) <= 64)
+
+
+idents = st.from_regex(r"[A-Za-z0-9._:@-]{1,130}\n?", fullmatch=True)
+direct_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["offer", "answer", "candidate", "bye", "ping"]) | json_values},
+    optional={"to": idents | json_values, "to_device": idents | st.none() | json_values,
+              "payload": json_values, "id": st.text(max_size=70) | st.none() | json_values,
+              "other": json_values},
+).map(lambda d: json.dumps(d).encode())
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(direct_like, frames_like_messages.map(str.encode), st.binary(max_size=100)))
+def test_parse_direct_accepts_exactly_the_direct_messages_parse_accepts(frame: bytes) -> None:
+    """The inline path's one-decode parser: the same message as ``parse`` for every valid
+    direct message, None for everything else (which ``parse`` then answers)."""
+    fast = parse_direct(frame)
+    try:
+        full = parse(frame)
+    except ProtocolError:
+        full = None
+    if not isinstance(full, Direct):
+        assert fast is None
+        return
+    assert fast is not None
+    for field in ("type", "to", "to_device", "id"):
+        assert getattr(fast, field) == getattr(full, field)
+    assert bytes(fast.payload) == bytes(full.payload)
+
+
+def test_parse_direct_remembers_identifiers_but_still_checks_new_ones() -> None:
+    ok = b'{"type":"offer","to":"bob","payload":1}'
+    assert parse_direct(ok) is not None and parse_direct(ok) is not None
+    assert parse_direct(b'{"type":"offer","to":"b b","payload":1}') is None
+    assert parse_direct(b'{"type":"offer","to":"bob","to_device":"","payload":1}') is None
+    for i in range(IDENT_CACHE_MAX + 10):  # bounded
+        assert parse_direct(b'{"type":"bye","to":"u%d"}' % i) is not None
+    assert 0 < len(protocol._valid_idents) <= IDENT_CACHE_MAX
+
+
+def test_encode_ack_is_the_dict_encoding() -> None:
+    for msg_id in ("m1", 'q"uo\\te', "\u00e9\u2028", "x" * 64):
+        for devices in (1, 7, 123456):
+            assert encode_ack(msg_id, devices) == encode(
+                {"type": "ack", "id": msg_id, "devices": devices})
