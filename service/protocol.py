@@ -176,7 +176,7 @@ def _is_ident(value: str) -> bool:
     return True
 
 
-def parse_direct(frame: bytes) -> DirectFields | None:
+def parse_direct(frame: str | bytes) -> DirectFields | None:
     """The direct message (§3) in ``frame`` when it is a valid one: what ``parse`` would
     return, in one decode.  None for anything else (another type, or any error): the caller
     must then use ``parse``, which names the error."""

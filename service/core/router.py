@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import Close, Code, ProtocolError
 from ..protocol import (
@@ -89,12 +89,16 @@ class Router:
         """Handle one text frame of ``session``; errors become ``error`` frames.  A caller
         that read several frames at once may ask the limiter for all of them first
         (``admission`` from ``limiter.admit``, ``counted=True``): one batch, same order."""
-        msg: Message | None = None
         err: ProtocolError | None = None
-        try:
-            msg = parse(frame)
-        except ProtocolError as exc:
-            err = exc
+        # a direct message (most frames) in one decode; anything else through ``parse``
+        msg: Message | DirectFields | None = parse_direct(frame)
+        direct = msg is not None
+        if msg is None:
+            try:
+                msg = parse(frame)
+                direct = type(msg) is Direct
+            except ProtocolError as exc:
+                err = exc
         kind = msg.type if msg is not None else "invalid"
         self.stats.received(kind)
         msg_id = msg.id if msg is not None else (err.msg_id if err else None)
@@ -102,11 +106,11 @@ class Router:
         if counted and admission is None:  # admitted already (the common case): no await
             session.strikes = 0
         else:
-            if type(msg) is Direct and isinstance(admission, asyncio.Future):
+            if direct and isinstance(admission, asyncio.Future):
                 # The limiter answers with its next round trip; the recipient's lookup
                 # rides in the same one instead of the one after (one round trip less
                 # per message when messages come a few per tick).
-                early = self.hub.presence.locate([msg.to])
+                early = self.hub.presence.locate([cast(DirectFields, msg).to])
             if not await self._admit(session, msg_id, admission, counted):
                 if early is not None:
                     _abandon(early)
@@ -115,10 +119,10 @@ class Router:
             if err is not None:
                 raise err
             assert msg is not None
-            if type(msg) is Direct:  # the hot path, without a dispatch frame
-                await self._direct(session, msg, early)
+            if direct:  # the hot path, without a dispatch frame
+                await self._direct(session, cast(DirectFields, msg), early)
             else:
-                await self._dispatch(session, msg)
+                await self._dispatch(session, cast(Message, msg))
         except Exception as exc:
             self._failed(session, exc, msg_id)
 
@@ -248,7 +252,7 @@ class Router:
             raise ProtocolError(Code.UNKNOWN_TYPE, "unknown message type", msg.id)
 
     async def _direct(
-        self, session: Session, msg: Direct, early: Awaitable[Located] | None = None
+        self, session: Session, msg: DirectFields, early: Awaitable[Located] | None = None
     ) -> None:
         """§3: route to every live device of ``to`` (or ``to_device``), never back to the
         sending device; ack with the number of devices, or ``peer_offline``.  ``early``:
