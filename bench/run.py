@@ -47,6 +47,7 @@ from bench.servers import (  # noqa: E402
     Servers,
     npm_install,
     secret,
+    start_floor,
     start_peerjs,
     start_signaling,
     start_socketio,
@@ -73,6 +74,8 @@ CROSS: dict[str, tuple[str, Starter]] = {
 # targets are measured on (acks on); it shows what the acks cost.
 NOACK_SINGLE: dict[str, tuple[str, Starter]] = {
     "signaling-memory-noack": ("signaling-noack", SINGLE["signaling-memory"][1]),
+    # bench/floor.py: the least a Python relay on uvloop does per message (PeerJS wire)
+    "python-floor": ("peerjs", lambda c: start_floor(cpus=c)),
 }
 NOACK_CROSS: dict[str, tuple[str, Starter]] = {
     "signaling-redis-x2-noack": ("signaling-noack", CROSS["signaling-redis-x2"][1]),

@@ -140,21 +140,27 @@ def _node(args: list[str], port: int, cpus: set[int] | None, env: dict[str, str]
         subprocess.Popen[bytes], Path]:
     if shutil.which("node") is None:
         raise RuntimeError("node is not installed")
-    log = Path(tempfile.mkstemp(prefix="bench-node-", suffix=".log")[1])
+    return _spawn(["node", *args], PEERS, port, cpus, env)
+
+
+def _spawn(cmd: list[str], cwd: Path, port: int, cpus: set[int] | None,
+           env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``cmd`` pinned to ``cpus`` and wait until it listens on ``port``."""
+    log = Path(tempfile.mkstemp(prefix="bench-peer-", suffix=".log")[1])
     with pinned(cpus), open(log, "wb") as out:
         proc = subprocess.Popen(
-            ["node", *args], cwd=PEERS, stdout=out, stderr=subprocess.STDOUT,
+            cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, **env}, start_new_session=True,
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"node exited: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return proc, log
         time.sleep(0.1)
     _stop_popen(proc)
-    raise RuntimeError(f"node did not listen on {port}: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"{cmd[0]} did not listen on {port}: {log.read_text()[-2000:]}")
 
 
 def start_peerjs(cpus: set[int] | None = None) -> Servers:
@@ -167,6 +173,17 @@ def start_peerjs(cpus: set[int] | None = None) -> Servers:
         port, cpus, {},
     )
     out = Servers("peerjs", [("127.0.0.1", port)], [proc.pid])
+    out._stops.append(proc)
+    out.logs.append(log)
+    return out
+
+
+def start_floor(cpus: set[int] | None = None) -> Servers:
+    """``bench/floor.py``: a bare relay on the PeerJS wire, the measuring stick of what the
+    interpreter and the kernel cost per message without any feature."""
+    port = free_port()
+    proc, log = _spawn([python(), "-m", "bench.floor", str(port)], ROOT, port, cpus, {})
+    out = Servers("python-floor", [("127.0.0.1", port)], [proc.pid])
     out._stops.append(proc)
     out.logs.append(log)
     return out

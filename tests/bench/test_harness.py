@@ -86,3 +86,20 @@ def test_core_bench_counts_every_message_it_measures(backplane: str, tmp_path: P
     assert run["acks"] > run["delivered"] / 2
     assert run["python_us_per_msg"] > 0
     assert (run["redis_us_per_msg"] > 0) == (backplane == "redis")
+
+
+def test_the_python_floor_relays_the_peerjs_wire_without_loss() -> None:
+    """``bench/floor.py``, the bare relay the suite can run beside the servers."""
+    from bench.servers import start_floor
+
+    servers = start_floor()
+    try:
+        gen = LoadGen("peerjs", servers.targets, 10, procs=1, secret=SECRET)
+        with gen:
+            assert gen.connect()["connected"] == 10
+            st = gen.run("closed", warmup=0.3, duration=1.0, window=2, drain=5.0)
+    finally:
+        servers.stop()
+    assert st.delivered > 0
+    assert st.lost == 0, (st.sent, st.delivered, st.errors)
+    assert st.out_of_order == 0
