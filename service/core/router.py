@@ -132,8 +132,8 @@ class Router:
         and presence (the embedded single-worker setup).  Otherwise returns False having
         done nothing (nothing counted, nothing sent): the caller must then pass this frame
         and every later one of the connection to ``handle``, in order.  The edge calls this
-        from the socket's read callback, which saves the connection's task a wake-up and a
-        suspension per message (about a third of a relayed message's Python)."""
+        from the socket's read callback: no task wake-up, coroutine or future per message
+        (one instance at 2,000 connections: 0.035 → 0.029 CPU-s per 1,000 messages)."""
         if not self.inline or session.closed:
             return False
         msg = parse_direct(frame)
