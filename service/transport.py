@@ -147,7 +147,7 @@ class LeanWebsocket(WebsocketImplProtocol):
         self.ping_sent_at = 0.0  # monotonic time of an unanswered ping, or 0
         self.ping_due = time.monotonic()  # when the Pinger last considered this socket
         # (router, session) while the read loop runs on an inline-capable router: frames
-        # are then handled in ``data_received`` when they can be (``_handle_inline``)
+        # are then handled in ``data_received`` when they can be
         self.fast: tuple[Router, Session] | None = None
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
@@ -183,6 +183,14 @@ class LeanWebsocket(WebsocketImplProtocol):
         if self.ws_proto.close_rcvd is not None:
             return  # nothing may follow a close frame
         inbox = self.inbox
+        # Frames are handled right here (``Router.handle_now``) while the read loop waits
+        # on an empty inbox: nothing of this connection is then in progress.  Once one is
+        # queued, every later one is too, so per-connection order holds.
+        fast = self.fast
+        if fast is not None:
+            waiter = self._waiter
+            if inbox or waiter is None or waiter.done():
+                fast = None
         pos, end = 0, len(data)
         while end - pos >= 2:
             b0, b1 = data[pos], data[pos + 1]
@@ -211,8 +219,12 @@ class LeanWebsocket(WebsocketImplProtocol):
                 if self._fragments is not None:
                     return self._fail(1002, "expected a continuation frame")
                 if b0 & 0x80:
-                    if op == 1 and not _valid_utf8(payload):
-                        return self._fail(1007, "invalid UTF-8")
+                    if op == 1:
+                        if not _valid_utf8(payload):
+                            return self._fail(1007, "invalid UTF-8")
+                        if fast is not None and not inbox and fast[0].handle_now(
+                                fast[1], payload):
+                            continue
                     inbox.append((op == 1, payload))
                 else:
                     self._fragments, self._fragment_text = [payload], op == 1
@@ -239,33 +251,14 @@ class LeanWebsocket(WebsocketImplProtocol):
                 return self._fail(1002, "unknown opcode")
         if pos < end:
             self._rest = data[pos:]
-        if inbox and self.fast is not None:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                self._handle_inline(inbox)
-                if not inbox and not self.finished:
-                    return  # every frame handled: the read loop sleeps on
+        if not inbox and not self.finished:
+            return  # nothing for the read loop (all handled here, or control frames only)
         if len(inbox) >= INBOX_PAUSE and not self._paused:
             transport = self.io_proto.transport if self.io_proto is not None else None
             if transport is not None:
                 self._paused = True
                 transport.pause_reading()
         self.wake()
-
-    def _handle_inline(self, inbox: list[tuple[bool, bytes]]) -> None:
-        """Handle what the router can handle at once (``Router.handle_now``) from the front
-        of ``inbox``, here in the read callback; the rest stays for the read loop, in
-        order.  Only while the read loop waits on an empty inbox: nothing of this
-        connection is then in progress, so per-connection order holds."""
-        assert self.fast is not None
-        router, session = self.fast
-        done = 0
-        for is_text, data in inbox:
-            if not is_text or not router.handle_now(session, data):
-                break
-            done += 1
-        if done:
-            del inbox[:done]
 
     def _close_received(self, payload: bytes) -> None:
         """Echo the client's close frame (or answer ours), then end the TCP connection."""
