@@ -91,12 +91,12 @@ class Router:
         (``admission`` from ``limiter.admit``, ``counted=True``): one batch, same order."""
         err: ProtocolError | None = None
         # a direct message (most frames) in one decode; anything else through ``parse``
+        # (which accepts no direct message that ``parse_direct`` refused)
         msg: Message | DirectFields | None = parse_direct(frame)
         direct = msg is not None
         if msg is None:
             try:
                 msg = parse(frame)
-                direct = type(msg) is Direct
             except ProtocolError as exc:
                 err = exc
         kind = msg.type if msg is not None else "invalid"
