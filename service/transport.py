@@ -363,7 +363,7 @@ class LeanWebsocket(WebsocketImplProtocol):
         while not self.inbox:
             if self.finished:
                 return []
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = (self.loop or asyncio.get_running_loop()).create_future()
             try:
                 await self._waiter
             finally:
@@ -489,7 +489,7 @@ class Flusher:
         self._pending.append((session, session.edge))
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            (session.edge.loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False

@@ -26,12 +26,12 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
 from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
+from ..core.running import LoopBound
 from . import keys
-from .lane import Lane, exchange
+from .lane import Lane
 from .redis_presence import _ALIVE, _s
 from .scripts import evalsha, execute
 
@@ -149,7 +149,7 @@ def _bounded(items: list[_Pending]) -> Iterator[list[_Pending]]:
         yield run
 
 
-class RedisBackplane:
+class RedisBackplane(LoopBound):
     def __init__(
         self,
         redis: Redis,
@@ -175,7 +175,7 @@ class RedisBackplane:
         self._reader = reader
         self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
-        self._conn: AbstractConnection | None = None  # the reader's own connection
+        self._inbox_lane = Lane(reader)  # the reader's own connection
         self._ttl = ttl
         self._maxlen = maxlen
         self._count = read_count
@@ -230,7 +230,7 @@ class RedisBackplane:
         return self._submit(keys.kept(user, device), None, frame)
 
     def _submit(self, key: str, env: Envelope | None, frame: bytes) -> asyncio.Future[bool]:
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = self.running_loop().create_future()
         if self._closed:
             fut.set_exception(ConnectionError("backplane closed"))
             return fut
@@ -369,32 +369,21 @@ class RedisBackplane:
     async def _read_once(self) -> None:
         """One read; the acknowledgement of the previous read's entries (delivered to their
         sessions' outboxes by then) travels in the same round trip, before it."""
-        conn = self._conn
-        if conn is None:
-            conn = self._reader.connection_pool.make_connection()
-            await conn.connect()
-            self._conn = conn
         read = [b"XREADGROUP", b"GROUP", keys.GROUP, keys.CONSUMER, b"COUNT", b"%d" % self._count,
                 b"BLOCK", b"%d" % self._block, b"STREAMS", self.inbox, b">"]
-        try:
-            if self._unacked:
-                ids = self._unacked
-                ms, _, seq = _s(ids[-1]).partition("-")
-                # every entry up to the last one read is acknowledged now (one reader, in
-                # order): the stream below it can go
-                *_, resp = await exchange(conn, [
-                    [b"XACK", self.inbox, keys.GROUP, *ids],
-                    [b"XTRIM", self.inbox, b"MINID", b"~", f"{ms}-{int(seq) + 1}"],
-                    read,
-                ])
-                self._unacked = []
-            else:
-                [resp] = await exchange(conn, [read])
-        except BaseException:
-            self._conn = None
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-            raise
+        if self._unacked:
+            ids = self._unacked
+            ms, _, seq = _s(ids[-1]).partition("-")
+            # every entry up to the last one read is acknowledged now (one reader, in
+            # order): the stream below it can go
+            *_, resp = await self._inbox_lane.execute([
+                [b"XACK", self.inbox, keys.GROUP, *ids],
+                [b"XTRIM", self.inbox, b"MINID", b"~", f"{ms}-{int(seq) + 1}"],
+                read,
+            ])
+            self._unacked = []
+        else:
+            [resp] = await self._inbox_lane.execute([read])
         if isinstance(resp, Exception):
             raise resp
         assert self._sink is not None
@@ -427,10 +416,7 @@ class RedisBackplane:
             if not fut.done():
                 fut.set_exception(ConnectionError("backplane closed"))
         self._pending = []
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
+        await self._inbox_lane.close()
         if self._node is not None:
             with contextlib.suppress(Exception):
                 await self._redis.delete(self.inbox)

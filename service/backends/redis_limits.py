@@ -37,6 +37,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio import Redis
 
 from ..core.ratelimit import Admission
+from ..core.running import LoopBound
 from .keys import LIMITS_PREFIX
 from .lane import Lane, fail_all
 from .scripts import run_scripts
@@ -86,7 +87,7 @@ LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
 KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 
 
-class RedisLimiter:
+class RedisLimiter(LoopBound):
     synchronous = False  # ``admit`` answers with a future (the tick's batch)
 
     def __init__(
@@ -124,12 +125,12 @@ class RedisLimiter:
             lease[0] -= 1
             lease[2] += 1
             return None
-        fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[float | None] = self.running_loop().create_future()
         if self._closed:
             fut.set_exception(ConnectionError("rate limiter closed"))
             return fut
         if not self._pending:
-            task = asyncio.ensure_future(self._flush())
+            task = self.running_loop().create_task(self._flush())
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
         self._pending.setdefault(user, []).append(fut)

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.contracts import Claim, Located, Location, Member
+from ..core.running import LoopBound
 from . import keys
 from .lane import Lane, fail_all
 from .scripts import ScriptCall, run_scripts
@@ -253,7 +254,7 @@ def _pairs(row: list[bytes]) -> Iterable[tuple[str, Location]]:
         yield _s(row[i]), _location(row[i + 1])
 
 
-class RedisPresence:
+class RedisPresence(LoopBound):
     def __init__(
         self,
         redis: Redis,
@@ -346,12 +347,12 @@ class RedisPresence:
         """Every lookup of one loop tick shares one script call (senders look up their
         recipients on every direct message).  The lookup joins this tick's batch at the
         call; the future holds its answer."""
-        fut: _Located = asyncio.get_running_loop().create_future()
+        fut: _Located = self.running_loop().create_future()
         if not users:
             fut.set_result({})
             return fut
         if not self._locating:
-            task = asyncio.ensure_future(self._locate_batch())
+            task = self.running_loop().create_task(self._locate_batch())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._locating.append((users, fut))

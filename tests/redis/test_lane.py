@@ -83,3 +83,86 @@ async def test_a_hung_redis_times_out_and_the_batch_is_not_sent_again(redis_url:
     await admin.delete("lane-t")
     await admin.aclose()
     await redis.aclose()
+
+
+async def test_batches_submitted_during_a_round_trip_go_together_in_the_next(
+    redis_url: str,
+) -> None:
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    await lane.connect()
+    first = lane.execute([["SET", "lane-n", "1"]])
+    await asyncio.sleep(0)  # the first is out now
+    second = lane.execute([["INCR", "lane-n"]])
+    third = lane.execute([["INCR", "lane-n"], ["GET", "lane-n"]])
+    assert await first == [b"OK"]
+    assert await second == [2] and await third == [3, b"3"]
+    assert lane.round_trips == 2
+    await lane.close()
+    await redis.delete("lane-n")
+    await redis.aclose()
+
+
+async def _lane_client_id(lane: Lane) -> int:
+    [client_id] = await lane.execute([["CLIENT", "ID"]])
+    return int(client_id)
+
+
+async def test_a_connection_killed_while_idle_is_replaced_for_the_next_batch(
+    redis_url: str,
+) -> None:
+    admin = make_client(redis_url, timeout=2.0)
+    lane = Lane(admin)
+    first = await _lane_client_id(lane)
+    await admin.execute_command("CLIENT", "KILL", "ID", str(first))
+    await asyncio.sleep(0.05)  # the close reaches the lane
+    assert await _lane_client_id(lane) != first
+    await lane.close()
+    await admin.aclose()
+
+
+async def test_a_connection_lost_after_some_replies_fails_the_batch_as_partial(
+    redis_url: str,
+) -> None:
+    admin = make_client(redis_url, timeout=2.0)
+    lane = Lane(make_client(redis_url, timeout=5.0))
+    lane_id = await _lane_client_id(lane)
+    out = lane.execute([["INCR", "lane-p"], ["BLPOP", "lane-empty", "5"]])
+    await asyncio.sleep(0.2)  # INCR answered; BLPOP waiting
+    await admin.execute_command("CLIENT", "KILL", "ID", str(lane_id))
+    try:
+        await out
+        raise AssertionError("the connection died mid-batch: the batch must fail")
+    except Exception as exc:
+        assert "onnection" in type(exc).__name__ and "partial" in str(exc), exc
+    assert await admin.get("lane-p") == b"1"  # not sent again
+    assert await lane.execute([["PING"]]) == [b"PONG"]
+    await lane.close()
+    await admin.delete("lane-p")
+    await admin.aclose()
+
+
+async def test_closing_fails_the_batch_in_flight_and_what_waits_behind_it(
+    redis_url: str,
+) -> None:
+    redis = make_client(redis_url, timeout=5.0)
+    lane = Lane(redis)
+    await lane.connect()
+    out = lane.execute([["BLPOP", "lane-empty", "5"]])
+    await asyncio.sleep(0.05)
+    behind = lane.execute([["PING"]])
+    await lane.close()
+    for fut in (out, behind):
+        try:
+            await fut
+            raise AssertionError("closed: the batch must fail")
+        except ConnectionError as exc:
+            assert "lane closed" in str(exc)
+    await lane.close()  # safe twice
+    later = lane.execute([["PING"]])
+    try:
+        await later
+        raise AssertionError("closed: no more batches")
+    except ConnectionError:
+        pass
+    await redis.aclose()
