@@ -121,9 +121,12 @@ class _Round:
 
 
 class Lane(LoopBound):
-    def __init__(self, redis: Redis) -> None:
-        """``redis``: the client whose pool settings (address, auth, timeouts) to use."""
+    def __init__(self, redis: Redis, *, gather: bool = True) -> None:
+        """``redis``: the client whose pool settings (address, auth, timeouts) to use.
+        ``gather``: a batch waits for the end of the loop tick, for the others of the tick
+        (else it goes at once: for a lane with one caller, such as the inbox reader)."""
         self._pool = redis.connection_pool
+        self._gather = gather
         self._link: _Link | None = None
         self._queue: list[_Batch] = []  # waiting for the round trip in flight
         self._round: _Round | None = None  # in flight (or waiting for a connection)
@@ -172,6 +175,9 @@ class Lane(LoopBound):
             return fut
         self._queue.append((commands, fut))
         if not self._scheduled and self._round is None:
+            if not self._gather:
+                self._send_queued()
+                return fut
             self._scheduled = True
             self.running_loop().call_soon(self._send_queued)
         return fut
@@ -247,9 +253,12 @@ class Lane(LoopBound):
             if not fut.done():
                 fut.set_result(replies[i : i + len(cmds)])
             i += len(cmds)
-        if self._queue:  # queued meanwhile: they go now, together
-            batches, self._queue = self._queue, []
-            self._start(_Round(batches))
+        if self._queue and not self._scheduled:
+            # What was queued meanwhile goes at the end of this tick, with what the
+            # waiters just resumed add to it (sending it right here made round trips
+            # smaller and more: at 2,000 connections across instances 12.9k -> 9.9k msg/s).
+            self._scheduled = True
+            self.running_loop().call_soon(self._send_queued)
 
     def _lost(self, link: _Link, exc: Exception | None) -> None:
         if link is not self._link:

@@ -175,7 +175,7 @@ class RedisBackplane(LoopBound):
         self._reader = reader
         self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
-        self._inbox_lane = Lane(reader)  # the reader's own connection
+        self._inbox_lane = Lane(reader, gather=False)  # the reader's own connection
         self._ttl = ttl
         self._maxlen = maxlen
         self._count = read_count
