@@ -74,6 +74,9 @@ class Hub:
         self._clock_s = clock_s
         self.sessions: dict[str, dict[str, Session]] = {}
         self._count = 0  # sessions in ``sessions`` (kept, not summed: connect reads it)
+        # sessions whose claim is out: the store may name this worker for the device before
+        # ``connect`` has its answer, and what is routed here meanwhile must not be lost
+        self._claiming: dict[tuple[str, str], Session] = {}
         self.rooms: dict[str, dict[Member, Session]] = {}
         self.watchers: dict[str, set[Session]] = {}
         # (when, seq, kind, session, exp): weak references, so that a closed connection is
@@ -164,9 +167,14 @@ class Hub:
         and its rooms are left before this one can join any.
         """
         session.held = []
-        claim = await self.presence.claim(
-            session.user_id, session.device_id, session.location, self.max_devices_per_user
-        )
+        self._claiming[session.member] = session
+        try:
+            claim = await self.presence.claim(
+                session.user_id, session.device_id, session.location, self.max_devices_per_user
+            )
+        finally:
+            if self._claiming.get(session.member) is session:
+                del self._claiming[session.member]
         if not claim.ok:
             raise TooManyDevices(session.user_id)
         devices = self.sessions.setdefault(session.user_id, {})
@@ -320,11 +328,15 @@ class Hub:
     def deliver(self, user: str, devices: tuple[str, ...] | list[str], frame: bytes) -> int:
         """Queue ``frame`` for the named local devices; returns how many took it."""
         local = self.sessions.get(user)
-        if not local:
+        if not local and not self._claiming:
             return 0
         n = 0
         for device in devices:
-            s = local.get(device)
+            s = local.get(device) if local else None
+            if s is None and self._claiming:
+                # claimed in the store, the answer not back here yet: it joins the live
+                # traffic that ``connect`` holds back until after the welcome
+                s = self._claiming.get((user, device))
             if s is not None and s.push(frame):
                 n += 1
         return n

@@ -155,3 +155,28 @@ async def test_closed_as_replaced_but_not_taken_over_still_leaves(make_node):
     await settle()
     assert [(f["type"], f["user_id"]) for f in frames(peer)] == [("left", "u")]
     assert ("u", "d") not in await a.hub.presence.members("r")
+
+
+async def test_a_message_for_a_device_claimed_but_not_yet_registered_here_is_held(make_node):
+    """The store says the device is live on this worker a moment before the worker's own
+    connect has the answer: a message routed to it then waits with the live traffic,
+    behind the welcome (it used to find no session and answer ``peer_offline``)."""
+    a = await make_node("A")
+    sender = await a.connect("s", "s1")
+    gate = asyncio.Event()
+    claim = a.hub.presence.claim
+
+    async def claimed_then_held(*args: Any) -> Any:
+        answer = await claim(*args)  # the store: live on A
+        await gate.wait()  # ... and A's connect has not resumed yet
+        return answer
+
+    a.hub.presence.claim = claimed_then_held  # type: ignore[method-assign]
+    new = Node.session(a, "u", "d")
+    connecting = asyncio.create_task(a.hub.connect(new, welcome))
+    await settle()
+    await a.send(sender, type="offer", to="u", payload={"sdp": "x"}, id="m1")
+    assert frames(sender) == [{"type": "ack", "id": "m1", "devices": 1}]
+    gate.set()
+    await connecting
+    assert [f["type"] for f in frames(new)] == ["welcome", "offer"]
