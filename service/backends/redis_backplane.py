@@ -31,9 +31,9 @@ from redis.exceptions import ResponseError
 from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
 from ..core.running import LoopBound
 from . import keys
-from .lane import Lane
+from .lane import Batch, Lane
 from .redis_presence import _ALIVE, _s
-from .scripts import evalsha, execute
+from .scripts import evalsha, settle
 
 log = logging.getLogger("signaling.backplane")
 
@@ -174,6 +174,7 @@ class RedisBackplane(LoopBound):
         self._keep_ttl = keep_ttl or ttl
         self._reader = reader
         self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
+        self._lane.add_source(self._take_sends)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._inbox_lane = Lane(reader, gather=False)  # the reader's own connection
         self._ttl = ttl
@@ -184,7 +185,6 @@ class RedisBackplane(LoopBound):
         self._node: str | None = None
         self._sink: EnvelopeSink | None = None
         self._pending: list[_Pending] = []
-        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -198,7 +198,6 @@ class RedisBackplane(LoopBound):
         await self._ensure_group()
         await self._lane.connect()
         self._tasks = [
-            asyncio.create_task(self._write_loop(), name="backplane-writer"),
             asyncio.create_task(self._read_loop(), name="backplane-reader"),
         ]
 
@@ -235,7 +234,7 @@ class RedisBackplane(LoopBound):
             fut.set_exception(ConnectionError("backplane closed"))
             return fut
         self._pending.append((key, env, frame, fut))
-        self._wake.set()
+        self._lane.wake()
         return fut
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
@@ -270,18 +269,14 @@ class RedisBackplane(LoopBound):
             ]
         return out
 
-    async def _write_loop(self) -> None:
-        while not self._closed:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if batch:
-                await self._flush(batch)
-
-    async def _flush(self, batch: list[_Pending]) -> None:
-        """One round trip for the whole tick, in order: the sends to each inbox as few
-        entries as the bounds allow, each kept frame's script where it came (so a frame
-        kept for a parked device never overtakes one sent to it before)."""
+    def _take_sends(self) -> list[Batch]:
+        """The lane's source: every send since the last round trip, in order: the sends
+        to each inbox as few entries as the bounds allow, each kept frame's script where
+        it came (so a frame kept for a parked device never overtakes one sent to it
+        before)."""
+        if not self._pending:
+            return []
+        batch, self._pending = self._pending, []
         calls: list[list[Any]] = []
         answers: list[tuple[bool, list[asyncio.Future[bool]]]] = []  # (is XADD, futures)
         groups: dict[str, list[_Pending]] = {}
@@ -299,9 +294,19 @@ class RedisBackplane(LoopBound):
             ))
             answers.append((False, [fut]))
         self._add_entries(groups, calls, answers)
-        try:
-            results = await execute(self._lane, calls, [self._keep_script])
-        except Exception as exc:
+
+        def done(result: list[Any] | BaseException) -> None:
+            settle(self._lane, calls, [self._keep_script], result,
+                   lambda res: self._written(batch, answers, res))
+
+        return [(calls, done)]
+
+    def _written(
+        self, batch: list[_Pending], answers: list[tuple[bool, list[asyncio.Future[bool]]]],
+        results: list[Any] | BaseException,
+    ) -> None:
+        if isinstance(results, BaseException):
+            exc = results
             self._stats.backplane_error("xadd")
             for *_, fut in batch:
                 if not fut.done():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from limits import parse
 from limits.aio.storage import RedisStorage
@@ -39,8 +40,8 @@ from redis.asyncio import Redis
 from ..core.ratelimit import Admission
 from ..core.running import LoopBound
 from .keys import LIMITS_PREFIX
-from .lane import Lane, fail_all
-from .scripts import run_scripts
+from .lane import Batch, Lane, fail_all
+from .scripts import evalsha, settle
 
 Waiter = asyncio.Future[float | None]
 
@@ -100,6 +101,7 @@ class RedisLimiter(LoopBound):
         self._strategy = MovingWindowRateLimiter(storage)
         self._lane = lane or Lane(redis)
         self._acquire_script = redis.register_script(_ACQUIRE_MANY)
+        self._lane.add_source(self._take)
         self._pending: dict[str, list[Waiter]] = {}
         self._flushing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -129,11 +131,8 @@ class RedisLimiter(LoopBound):
         if self._closed:
             fut.set_exception(ConnectionError("rate limiter closed"))
             return fut
-        if not self._pending:
-            task = self.running_loop().create_task(self._flush())
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
         self._pending.setdefault(user, []).append(fut)
+        self._lane.wake()
         return fut
 
     async def hit(self, user: str) -> float | None:
@@ -164,20 +163,43 @@ class RedisLimiter(LoopBound):
             return min(self._lease_cap, spent)
         return 0
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the rest of this tick's messages join the batch
+    def _take(self) -> list[Batch]:
+        """The lane's source: one script call for every user with messages since the last
+        one (each user's count and the slots its lease takes ahead, acquired all-or-nothing
+        per user)."""
+        if not self._pending:
+            return []
         batch, self._pending = self._pending, {}
         now = time.monotonic()
         if now >= self._lease_sweep:
             self._leases = {u: v for u, v in self._leases.items() if v[1] > now - 1.0}
             self._lease_sweep = now + self._item.get_expiry()
         extra = {user: self._lease_size(user, now) for user in batch}
-        try:
-            acquired = await self._acquire_many(batch, extra)
-        except Exception as exc:
-            fail_all((fut for futs in batch.values() for fut in futs), exc, "rate limiter closed")
+        keys = [self._key(user) for user in batch]
+        amounts = [len(futs) + extra[user] for user, futs in batch.items()]
+        args = [time.time(), self._item.amount, self._item.get_expiry(), *amounts]
+        self.acquisitions += 1
+        commands = [evalsha(self._acquire_script, keys, args)]
+
+        def done(result: list[Any] | BaseException) -> None:
+            settle(self._lane, commands, [self._acquire_script], result,
+                   lambda res: self._acquired(batch, extra, now, res))
+
+        return [(commands, done)]
+
+    def _acquired(
+        self, batch: dict[str, list[Waiter]], extra: dict[str, int], now: float,
+        result: list[Any] | BaseException,
+    ) -> None:
+        """Each user's answer: admitted (with a lease), or its messages that still fit
+        found one by one (``_partial``)."""
+        reply = result if isinstance(result, BaseException) else result[0]
+        if isinstance(reply, BaseException):
+            fail_all((fut for futs in batch.values() for fut in futs), reply,
+                     "rate limiter closed")
             return
-        for (user, futs), ok in zip(batch.items(), acquired, strict=True):
+        refused: list[tuple[str, list[Waiter]]] = []
+        for (user, futs), ok in zip(batch.items(), reply, strict=True):
             if ok:
                 for fut in futs:
                     if not fut.done():
@@ -187,21 +209,15 @@ class RedisLimiter(LoopBound):
                     self._leases[user] = [extra[user], now + LEASE_S, len(futs)]
             else:
                 self._leases.pop(user, None)
-                await self._partial(user, futs)
+                refused.append((user, futs))
+        if refused:
+            task = self.running_loop().create_task(self._refused(refused))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
 
-    async def _acquire_many(
-        self, batch: dict[str, list[Waiter]], extra: dict[str, int]
-    ) -> list[bool]:
-        """One script call for the whole tick: each user's count (and the slots its lease
-        takes ahead), acquired all-or-nothing per user.  True per user that got them."""
-        keys = [self._key(user) for user in batch]
-        amounts = [len(futs) + extra[user] for user, futs in batch.items()]
-        args = [time.time(), self._item.amount, self._item.get_expiry(), *amounts]
-        self.acquisitions += 1
-        (res,) = await run_scripts(self._lane, [(self._acquire_script, keys, args)])
-        if isinstance(res, Exception):
-            raise res
-        return [bool(ok) for ok in res]
+    async def _refused(self, refused: list[tuple[str, list[Waiter]]]) -> None:
+        for user, futs in refused:
+            await self._partial(user, futs)
 
     async def _partial(self, user: str, futs: list[Waiter]) -> None:
         """Not all of a user's messages of this tick fit: admit those that do, in order."""

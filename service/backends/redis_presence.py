@@ -24,8 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from ..core.contracts import Claim, Located, Location, Member
 from ..core.running import LoopBound
 from . import keys
-from .lane import Lane, fail_all
-from .scripts import ScriptCall, run_scripts
+from .lane import Batch, Lane, fail_all
+from .scripts import ScriptCall, evalsha, run_scripts, settle
 
 _ALIVE = """
 local function now_ms()
@@ -281,11 +281,11 @@ class RedisPresence(LoopBound):
         self._reassert_set = redis.register_script(_REASSERT_SET)
         self._beats = 0
         self._lookup_lane = lane or Lane(redis)  # the batched lookups (the hot path's lane)
+        self._lookup_lane.add_source(self._take_lookups)
         self._beat_lane = Lane(redis)  # the heartbeat's re-assertion (large batches)
         self._reassert_next = True  # the first beat re-asserts
         self._prefix = keys.node_alive_prefix()
         self._locating: list[tuple[Sequence[str], _Located]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ devices
 
@@ -351,32 +351,43 @@ class RedisPresence(LoopBound):
         if not users:
             fut.set_result({})
             return fut
-        if not self._locating:
-            task = self.running_loop().create_task(self._locate_batch())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         self._locating.append((users, fut))
+        self._lookup_lane.wake()
         return fut
 
-    async def _locate_batch(self) -> None:
-        await asyncio.sleep(0)  # the rest of this tick's lookups join
+    def _take_lookups(self) -> list[Batch]:
+        """The lane's source: every lookup since the last round trip, one script call per
+        LOCATE_CHUNK users."""
+        if not self._locating:
+            return []
         batch, self._locating = self._locating, []
         wanted = list(dict.fromkeys(u for users, _ in batch for u in users))
-        try:
-            found: dict[str, dict[str, Location]] = {}
-            chunks = [wanted[i : i + LOCATE_CHUNK] for i in range(0, len(wanted), LOCATE_CHUNK)]
-            calls: list[ScriptCall] = [
-                (self._live, [keys.devices(u) for u in chunk], [self._prefix]) for chunk in chunks
-            ]
-            replies = await run_scripts(self._lookup_lane, calls)
-            for chunk, rows in zip(chunks, replies, strict=True):
+        chunks = [wanted[i : i + LOCATE_CHUNK] for i in range(0, len(wanted), LOCATE_CHUNK)]
+        commands = [
+            evalsha(self._live, [keys.devices(u) for u in chunk], [self._prefix])
+            for chunk in chunks
+        ]
+
+        def done(result: list[Any] | BaseException) -> None:
+            settle(self._lookup_lane, commands, [self._live], result,
+                   lambda res: self._located(batch, chunks, res))
+
+        return [(commands, done)]
+
+    @staticmethod
+    def _located(
+        batch: list[tuple[Sequence[str], _Located]], chunks: list[list[str]],
+        result: list[Any] | BaseException,
+    ) -> None:
+        found: dict[str, dict[str, Location]] = {}
+        if not isinstance(result, BaseException):
+            for chunk, rows in zip(chunks, result, strict=True):
                 if isinstance(rows, Exception):
-                    raise rows
+                    result = rows
+                    break
                 found.update({u: dict(_pairs(row)) for u, row in zip(chunk, rows, strict=True)})
-        except BaseException as exc:  # cancelled too: no caller may wait forever
-            fail_all((fut for _, fut in batch), exc, "presence closed")
-            if not isinstance(exc, Exception):
-                raise
+        if isinstance(result, BaseException):
+            fail_all((fut for _, fut in batch), result, "presence closed")
             return
         for users, fut in batch:
             if not fut.done():
@@ -510,9 +521,7 @@ class RedisPresence(LoopBound):
             return False
 
     async def close(self) -> None:
-        """The client is shared (its owner closes it); lookups in flight are cancelled."""
-        for task in list(self._tasks):
-            task.cancel()
+        """The client is shared (its owner closes it); lookups not answered yet fail."""
         for _, fut in self._locating:
             if not fut.done():
                 fut.set_exception(ConnectionError("presence closed"))

@@ -6,7 +6,8 @@ again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
@@ -35,6 +36,13 @@ async def execute(
     that come back NOSCRIPT are run again once the scripts are loaded (a script's sha is
     its text's, so the commands stay as they are)."""
     results = await lane.execute(commands)
+    return await _rerun(lane, commands, scripts, results)
+
+
+async def _rerun(
+    lane: Lane, commands: Sequence[Sequence[Any]], scripts: Iterable[AsyncScript],
+    results: list[Any],
+) -> list[Any]:
     again = [i for i, r in enumerate(results) if is_noscript(r)]
     if again:
         # loaded on the lane too: right after a restart (the usual reason for NOSCRIPT) the
@@ -53,3 +61,35 @@ def is_noscript(reply: Any) -> bool:
     return isinstance(reply, NoScriptError) or (
         isinstance(reply, Exception) and str(reply).startswith("NOSCRIPT")
     )
+
+
+_RERUNS: set[asyncio.Task[list[Any]]] = set()  # held until done (the loop keeps weak refs)
+
+
+def settle(
+    lane: Lane,
+    commands: Sequence[Sequence[Any]],
+    scripts: Iterable[AsyncScript],
+    result: list[Any] | BaseException,
+    then: Callable[[list[Any] | BaseException], None],
+) -> None:
+    """``execute``'s NOSCRIPT handling for a batch sent through a lane source: ``then``
+    gets ``result`` at once, or (when some entries came back NOSCRIPT) once the scripts
+    are loaded and those entries run again, from a task."""
+    if isinstance(result, BaseException) or not any(is_noscript(r) for r in result):
+        then(result)
+        return
+    task = asyncio.get_running_loop().create_task(
+        _rerun(lane, commands, list(scripts), result)
+    )
+    _RERUNS.add(task)
+
+    def _done(t: asyncio.Task[list[Any]]) -> None:
+        _RERUNS.discard(t)
+        if t.cancelled():
+            then(ConnectionError("lane closed"))
+        else:
+            exc = t.exception()
+            then(exc if exc is not None else t.result())
+
+    task.add_done_callback(_done)

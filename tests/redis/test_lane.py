@@ -4,8 +4,9 @@ batch on a connection that was fine a moment ago."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from service.backends.lane import Lane
+from service.backends.lane import Batch, Lane
 from service.backends.redis_client import make_client
 from service.backends.scripts import run_scripts
 from tests.support import start_redis
@@ -166,3 +167,66 @@ async def test_closing_fails_the_batch_in_flight_and_what_waits_behind_it(
     except ConnectionError:
         pass
     await redis.aclose()
+
+
+class _Batcher:
+    """A lane source holding commands until the lane asks for them."""
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.due: list[list[str]] = []
+        self.results: list[Any] = []
+        lane.add_source(self.take)
+
+    def submit(self, *commands: list[str]) -> None:
+        self.due += commands
+        self.lane.wake()
+
+    def take(self) -> list[Batch]:
+        if not self.due:
+            return []
+        batch, self.due = self.due, []
+        return [(batch, self.results.append)]
+
+
+async def test_a_source_batch_travels_with_the_ticks_other_batches(redis_url: str) -> None:
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    batcher = _Batcher(lane)
+    batcher.submit(["SET", "lane-s", "1"], ["INCR", "lane-s"])
+    direct = lane.execute([["INCR", "lane-d"]])
+    assert await direct == [1]
+    assert batcher.results == [[b"OK", 2]]  # told in the same read callback
+    assert lane.round_trips == 1
+    await lane.close()
+    await redis.delete("lane-s", "lane-d")
+    await redis.aclose()
+
+
+async def test_what_a_source_has_due_fails_when_the_lane_closes(redis_url: str) -> None:
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    batcher = _Batcher(lane)
+    batcher.submit(["PING"])
+    await lane.close()  # before the tick ends: never sent
+    assert len(batcher.results) == 1 and isinstance(batcher.results[0], ConnectionError)
+    batcher.submit(["PING"])  # after: failed at once
+    assert len(batcher.results) == 2 and isinstance(batcher.results[1], ConnectionError)
+    assert lane.round_trips == 0
+    await redis.aclose()
+
+
+async def test_a_failed_round_trip_reaches_the_sources_batches() -> None:
+    from tests.support import free_port
+
+    dead = make_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    lane = Lane(dead)
+    batcher = _Batcher(lane)
+    batcher.submit(["PING"])
+    for _ in range(100):
+        if batcher.results:
+            break
+        await asyncio.sleep(0.01)
+    assert len(batcher.results) == 1 and isinstance(batcher.results[0], Exception)
+    await lane.close()
+    await dead.aclose()
