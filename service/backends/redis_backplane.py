@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +49,7 @@ _KIND_S_BACK = {v: k for k, v in _KIND_S.items()}
 ENTRY_ENVELOPES = 64
 ENTRY_BYTES = 64 * 1024
 BATCH_FIELD = b"b"
+READ_BACKOFF_S = 0.05  # the first wait after a failed inbox read (then doubling, up to 2 s)
 # kind, user, devices (","-joined), frame, conn, ts
 _Row = tuple[str, str, str, bytes, str, int]
 _encoder = msgspec.msgpack.Encoder()
@@ -177,6 +179,10 @@ class RedisBackplane(LoopBound):
         self._lane.add_source(self._take_sends)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._inbox_lane = Lane(reader, gather=False)  # the reader's own connection
+        self._inbox_lane.add_source(self._take_read)
+        self._read_due = False  # see ``_take_read``
+        self._retry: asyncio.TimerHandle | None = None  # the next read after a failure
+        self._backoff = READ_BACKOFF_S
         self._ttl = ttl
         self._maxlen = maxlen
         self._count = read_count
@@ -197,9 +203,7 @@ class RedisBackplane(LoopBound):
         self._node, self._sink = node, sink
         await self._ensure_group()
         await self._lane.connect()
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name="backplane-reader"),
-        ]
+        self._read_again()
 
     async def _ensure_group(self) -> None:
         """Create the inbox and its group; id 0 so nothing added meanwhile is skipped."""
@@ -345,52 +349,48 @@ class RedisBackplane(LoopBound):
 
     # ------------------------------------------------------------------ reading
 
-    async def _read_loop(self) -> None:
-        backoff = 0.05
-        # redis-py may turn a cancellation inside a blocking read into a connection error,
-        # so the loop also stops on the closed flag.
-        while not self._closed:
-            try:
-                await self._read_once()
-                backoff = 0.05
-            except asyncio.CancelledError:
-                raise
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis restarted without persistence
-                    log.warning("inbox consumer group lost; recreating it")
-                    with contextlib.suppress(Exception):
-                        await self._ensure_group()
-                    continue
-                self._stats.backplane_error("xreadgroup")
-                log.warning("inbox read failed: %s", type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            except Exception as exc:
-                self._stats.backplane_error("xreadgroup")
-                log.warning("inbox read failed: %s", type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+    # The reader is a source of its own lane: each read's replies are handled in the
+    # socket's read callback, which asks for the next read (no task wake per read).
 
-    async def _read_once(self) -> None:
-        """One read; the acknowledgement of the previous read's entries (delivered to their
-        sessions' outboxes by then) travels in the same round trip, before it."""
+    def _take_read(self) -> list[Batch]:
+        """The next read, when one is due; the acknowledgement of the previous read's
+        entries (delivered to their sessions' outboxes by then) travels in the same round
+        trip, before it."""
+        if not self._read_due or self._closed or self._node is None:
+            return []
+        self._read_due = False
         read = [b"XREADGROUP", b"GROUP", keys.GROUP, keys.CONSUMER, b"COUNT", b"%d" % self._count,
                 b"BLOCK", b"%d" % self._block, b"STREAMS", self.inbox, b">"]
-        if self._unacked:
-            ids = self._unacked
-            ms, _, seq = _s(ids[-1]).partition("-")
-            # every entry up to the last one read is acknowledged now (one reader, in
-            # order): the stream below it can go
-            *_, resp = await self._inbox_lane.execute([
-                [b"XACK", self.inbox, keys.GROUP, *ids],
-                [b"XTRIM", self.inbox, b"MINID", b"~", f"{ms}-{int(seq) + 1}"],
-                read,
-            ])
+        ids = self._unacked
+        if not ids:
+            return [([read], functools.partial(self._on_read, False))]
+        ms, _, seq = _s(ids[-1]).partition("-")
+        # every entry up to the last one read is acknowledged now (one reader, in order):
+        # the stream below it can go
+        return [([
+            [b"XACK", self.inbox, keys.GROUP, *ids],
+            [b"XTRIM", self.inbox, b"MINID", b"~", f"{ms}-{int(seq) + 1}"],
+            read,
+        ], functools.partial(self._on_read, True))]
+
+    def _on_read(self, acked: bool, result: list[Any] | BaseException) -> None:
+        if self._closed:
+            return
+        resp = result if isinstance(result, BaseException) else result[-1]
+        if isinstance(resp, BaseException):
+            self._read_failed(resp)
+            return
+        if acked:
             self._unacked = []
-        else:
-            [resp] = await self._inbox_lane.execute([read])
-        if isinstance(resp, Exception):
-            raise resp
+        try:
+            self._deliver(resp)
+        except Exception as exc:  # an unexpected reply: read again (after the backoff)
+            self._read_failed(exc)
+            return
+        self._backoff = READ_BACKOFF_S
+        self._read_again()
+
+    def _deliver(self, resp: Any) -> None:
         assert self._sink is not None
         for entry_id, fields in _entries(resp):
             self._unacked.append(entry_id)
@@ -407,14 +407,43 @@ class RedisBackplane(LoopBound):
                     self._stats.backplane_error("decode")
                     log.warning("an inbox envelope failed: %s", type(exc).__name__)
 
+    def _read_again(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self._read_due = True
+            self._inbox_lane.wake()
+
+    def _read_failed(self, exc: BaseException) -> None:
+        """A failed read is tried again: at once after recreating a lost group, else after
+        a backoff (doubling up to 2 s)."""
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            # Redis restarted without persistence
+            log.warning("inbox consumer group lost; recreating it")
+            task = self.running_loop().create_task(self._regroup())
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+            return
+        self._stats.backplane_error("xreadgroup")
+        log.warning("inbox read failed: %s", type(exc).__name__)
+        self._retry = self.running_loop().call_later(self._backoff, self._read_again)
+        self._backoff = min(self._backoff * 2, 2.0)
+
+    async def _regroup(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._ensure_group()
+        self._read_again()
+
     async def close(self) -> None:
         """Stop reading and writing; pending sends fail.  Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
+        if self._retry is not None:
+            self._retry.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for *_, fut in self._pending:

@@ -153,6 +153,26 @@ async def test_reader_recovers_after_redis_lost_everything(make_bp: Any, redis: 
     assert got[-1].frame == b"back"
 
 
+async def test_a_killed_reader_connection_reads_again_and_loses_nothing(
+    make_bp: Any, redis: Any
+) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    assert await a.send("B", Envelope("deliver", "u", ("d",), b"before"))
+    await inbox_b.wait_for(1)
+    clients = (await redis.execute_command("CLIENT", "LIST")).decode().splitlines()
+    readers = [c for c in clients if "cmd=xreadgroup" in c]
+    assert readers, clients
+    for line in readers:
+        client_id = line.split("id=", 1)[1].split(" ", 1)[0]
+        await redis.execute_command("CLIENT", "KILL", "ID", client_id)
+    frames = [b"after-%d" % i for i in range(20)]
+    for frame in frames:
+        assert await a.send("B", Envelope("deliver", "u", ("d",), frame))
+    got = await inbox_b.wait_for(21)
+    assert [e.frame for e in got] == [b"before", *frames]
+
+
 async def test_write_failure_raises_not_false(redis_url: str) -> None:
     from tests.support import free_port
 
