@@ -300,6 +300,7 @@ class Lane(LoopBound):
                 return
             replies.append(reply)
         self._round = None
+        self._used = time.monotonic()  # busy until now (a blocking read is not idleness)
         i = 0
         for cmds, done in rnd.batches:
             _call(done, replies[i : i + len(cmds)])
