@@ -146,12 +146,9 @@ class LeanWebsocket(WebsocketImplProtocol):
         self.closing: asyncio.Future[None] | None = None
         self.ping_sent_at = 0.0  # monotonic time of an unanswered ping, or 0
         self.ping_due = time.monotonic()  # when the Pinger last considered this socket
-        # (router, session) while the read loop runs: a frame that arrives while the loop
-        # waits on an empty inbox is handled in ``data_received`` when the router is
-        # inline-capable, else started there (``Router.prepare``, kept in ``prepared``
-        # for the read loop: it is then the first of the loop's next batch)
+        # (router, session) while the read loop runs on an inline-capable router: frames
+        # are then handled in ``data_received`` when they can be
         self.fast: tuple[Router, Session] | None = None
-        self.prepared: tuple[Any, Any] | None = None
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
         self.io_proto = io_proto
@@ -225,13 +222,9 @@ class LeanWebsocket(WebsocketImplProtocol):
                     if op == 1:
                         if not _valid_utf8(payload):
                             return self._fail(1007, "invalid UTF-8")
-                        if fast is not None and not inbox:
-                            router, session = fast
-                            if router.inline:
-                                if router.handle_now(session, payload):
-                                    continue
-                            elif not session.closed:
-                                self.prepared = router.prepare(session, payload)
+                        if fast is not None and not inbox and fast[0].handle_now(
+                                fast[1], payload):
+                            continue
                     inbox.append((op == 1, payload))
                 else:
                     self._fragments, self._fragment_text = [payload], op == 1
@@ -674,45 +667,29 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
     router = rt.router
     admit = rt.limiter.admit
     user = session.user_id
-    ws.fast = (router, session)
+    if router.inline:
+        ws.fast = (router, session)
     try:
         while not session.closed:
             batch = await ws.next_messages()
             if not batch:
                 return  # closed by the peer, by us, or by the network
-            # every message of the batch asks the limiter at once: one Redis pipeline per
-            # tick (the first one may have asked already: ``prepared``)
-            first, ws.prepared = ws.prepared, None
-            admissions = [admit(user) for _ in batch[1 if first else 0:]]
-            if first is not None:
-                admissions.insert(0, first[0])
+            # every message of the batch asks the limiter at once: one Redis pipeline per tick
+            admissions = [admit(user) for _ in batch]
             for i, ((is_text, data), admission) in enumerate(
                 zip(batch, admissions, strict=True)
             ):
                 if session.closed:
-                    _abandon_all(admissions[i:], first if i == 0 else None)
+                    for rest in admissions[i:]:
+                        if isinstance(rest, asyncio.Future):
+                            rest.add_done_callback(_ignore_outcome)
                     return
                 if is_text:
-                    await router.handle(session, data, admission, counted=True,
-                                        prepared=first[1] if i == 0 and first else None)
+                    await router.handle(session, data, admission, counted=True)
                 else:
                     await router.handle_binary(session, admission, counted=True)
     finally:
         ws.fast = None
-        left, ws.prepared = ws.prepared, None
-        if left is not None:
-            _abandon_all([left[0]], left)
-
-
-def _abandon_all(admissions: list[Any], prepared: tuple[Any, Any] | None) -> None:
-    """Admissions (and a prepared lookup) that will not be handled: their outcomes are
-    retrieved (a failure must not be logged as never retrieved)."""
-    pending = list(admissions)
-    if prepared is not None:
-        pending.append(prepared[1][1])
-    for fut in pending:
-        if isinstance(fut, asyncio.Future):
-            fut.add_done_callback(_ignore_outcome)
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from ..auth import Identity
 
 Verify = Callable[[str], "Identity"]
-# ``prepare``'s work for one frame: the direct message parsed (or None), its lookup started
-Prepared = tuple["DirectFields | None", "Awaitable[Located] | None"]
 Extras = Callable[["Identity"], dict[str, Any]]
 
 log = logging.getLogger("signaling.router")
@@ -86,22 +84,15 @@ class Router:
 
     async def handle(
         self, session: Session, frame: str | bytes, admission: Admission = None,
-        counted: bool = False, prepared: Prepared | None = None,
+        counted: bool = False,
     ) -> None:
         """Handle one text frame of ``session``; errors become ``error`` frames.  A caller
         that read several frames at once may ask the limiter for all of them first
-        (``admission`` from ``limiter.admit``, ``counted=True``): one batch, same order.
-        ``prepared``: what ``prepare`` started for this frame (its admission is then the
-        ``admission`` given here, ``counted=True``)."""
+        (``admission`` from ``limiter.admit``, ``counted=True``): one batch, same order."""
         err: ProtocolError | None = None
         # a direct message (most frames) in one decode; anything else through ``parse``
         # (which accepts no direct message that ``parse_direct`` refused)
-        msg: Message | DirectFields | None
-        early: Awaitable[Located] | None = None
-        if prepared is not None:
-            msg, early = prepared
-        else:
-            msg = parse_direct(frame)
+        msg: Message | DirectFields | None = parse_direct(frame)
         direct = msg is not None
         if msg is None:
             try:
@@ -111,10 +102,11 @@ class Router:
         kind = msg.type if msg is not None else "invalid"
         self.stats.received(kind)
         msg_id = msg.id if msg is not None else (err.msg_id if err else None)
+        early: Awaitable[Located] | None = None
         if counted and admission is None:  # admitted already (the common case): no await
             session.strikes = 0
         else:
-            if direct and early is None and isinstance(admission, asyncio.Future):
+            if direct and isinstance(admission, asyncio.Future):
                 # The limiter answers with its next round trip; the recipient's lookup
                 # rides in the same one instead of the one after (one round trip less
                 # per message when messages come a few per tick).
@@ -133,19 +125,6 @@ class Router:
                 await self._dispatch(session, cast(Message, msg))
         except Exception as exc:
             self._failed(session, exc, msg_id)
-
-    def prepare(self, session: Session, frame: bytes) -> tuple[Admission, Prepared]:
-        """Start the limiter's count (and, for a direct message, the recipient's lookup)
-        of a frame that ``handle`` will be given next, from the socket's read callback:
-        their round trip then leaves one loop pass earlier.  The caller must pass the
-        answer to ``handle`` (``admission``, ``counted=True``, ``prepared``), or retrieve
-        the futures' outcomes if it never does."""
-        admission = self.limiter.admit(session.user_id)
-        msg = parse_direct(frame)
-        early: Awaitable[Located] | None = None
-        if msg is not None and isinstance(admission, asyncio.Future):
-            early = self.hub.presence.locate([msg.to])
-        return admission, (msg, early)
 
     def handle_now(self, session: Session, frame: bytes) -> bool:
         """Handle one text frame at once, when nothing in it needs waiting for: a direct

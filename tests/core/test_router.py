@@ -337,28 +337,6 @@ async def test_handle_now_is_off_with_a_limiter_that_batches(make_node):
     assert [f["payload"] for f in frames(bob)] == [1]
 
 
-async def test_prepared_frames_are_answered_as_handled_ones(make_node):
-    """``prepare`` (the read callback's head start: the count and the lookup begun) then
-    ``handle``: the same replies, deliveries and refusals as ``handle`` alone."""
-    a = await make_node("A", rate="2/minute")
-    a.router = type(a.router)(a.hub, _BatchingLimiter(a.router.limiter))
-    alice = await a.connect("alice", "a1")
-    bob = await a.connect("bob", "b1")
-    frames_in = [
-        b'{"type":"offer","to":"bob","payload":1,"id":"m1"}',  # delivered
-        b'{"type":"ping","id":"p"}',  # not direct: prepared is only the count
-        b'{"type":"offer","to":"bob","payload":2,"id":"m2"}',  # over the budget of 2
-    ]
-    for frame in frames_in:
-        admission, prepared = a.router.prepare(alice, frame)
-        await a.router.handle(alice, frame, admission, counted=True, prepared=prepared)
-    assert [f["payload"] for f in frames(bob)] == [1]
-    got = frames(alice)
-    assert got[0] == {"type": "ack", "id": "m1", "devices": 1}
-    assert got[1]["type"] == "pong" and got[1]["id"] == "p"
-    assert got[2]["code"] == "rate_limited" and got[2]["id"] == "m2"
-
-
 async def test_sustained_abuse_inline_closes_with_1008(make_node):
     a = await make_node("A", rate="1/minute")
     s = await a.connect("abuser", "d")
