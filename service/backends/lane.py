@@ -85,16 +85,16 @@ def _settle(fut: asyncio.Future[Any], result: Any) -> None:
         fut.set_result(result)
 
 
-def _closed_error(exc: BaseException) -> BaseException:
-    """What a batch's sender sees: a cancellation is ``ConnectionError("lane closed")``."""
-    return exc if isinstance(exc, Exception) else ConnectionError("lane closed")
+def _closed_error(exc: BaseException, closed: str = "lane closed") -> BaseException:
+    """What a waiter sees: a cancellation is ``ConnectionError(closed)``."""
+    return exc if isinstance(exc, Exception) else ConnectionError(closed)
 
 
 def fail_all(futures: Iterable[asyncio.Future[Any]], exc: BaseException, closed: str) -> None:
     """Fail every waiter that is not done yet with ``exc`` (a cancellation becomes
     ``ConnectionError(closed)``: no caller may wait forever, nor see a CancelledError that
     is not its own)."""
-    err = exc if isinstance(exc, Exception) else ConnectionError(closed)
+    err = _closed_error(exc, closed)
     for fut in futures:
         if not fut.done():
             fut.set_exception(err)
@@ -143,12 +143,9 @@ class _Round:
 
 
 class Lane(LoopBound):
-    def __init__(self, redis: Redis, *, gather: bool = True) -> None:
-        """``redis``: the client whose pool settings (address, auth, timeouts) to use.
-        ``gather``: a batch waits for the end of the loop tick, for the others of the tick
-        (else it goes at once: for a lane with one caller, such as the inbox reader)."""
+    def __init__(self, redis: Redis) -> None:
+        """``redis``: the client whose pool settings (address, auth, timeouts) to use."""
         self._pool = redis.connection_pool
-        self._gather = gather
         self._link: _Link | None = None
         self._queue: list[Batch] = []  # waiting for the round trip in flight
         self._sources: list[Source] = []  # see ``add_source``
@@ -197,10 +194,7 @@ class Lane(LoopBound):
             fut.set_exception(ConnectionError("lane closed"))
             return fut
         self._queue.append((commands, functools.partial(_settle, fut)))
-        if not self._gather and not self._scheduled and self._round is None:
-            self._send_queued()
-        else:
-            self.wake()
+        self.wake()
         return fut
 
     def add_source(self, source: Source) -> None:
@@ -279,9 +273,7 @@ class Lane(LoopBound):
         self.round_trips += 1
         link.transport.write(pack(rnd.commands))
         if self._timer is None and self._timeout:
-            self._timer = self.running_loop().call_at(
-                self.running_loop().time() + self._timeout, self._check_timeout
-            )
+            self._timer = self.running_loop().call_later(self._timeout, self._check_timeout)
 
     def _replies(self, link: _Link) -> None:
         """``link`` received data: the round trip's replies, as far as they came."""
@@ -350,9 +342,7 @@ class Lane(LoopBound):
         now = time.monotonic()
         due = rnd.sent + self._timeout
         if now < due:
-            self._timer = self.running_loop().call_at(
-                self.running_loop().time() + (due - now), self._check_timeout
-            )
+            self._timer = self.running_loop().call_later(due - now, self._check_timeout)
             return
         self._drop()
         if rnd.replies:

@@ -34,7 +34,7 @@ from ..core.running import LoopBound
 from . import keys
 from .lane import Batch, Lane
 from .redis_presence import _ALIVE, _s
-from .scripts import evalsha, settle
+from .scripts import evalsha, settled
 
 log = logging.getLogger("signaling.backplane")
 
@@ -178,7 +178,7 @@ class RedisBackplane(LoopBound):
         self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
         self._lane.add_source(self._take_sends)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
-        self._inbox_lane = Lane(reader, gather=False)  # the reader's own connection
+        self._inbox_lane = Lane(reader)  # the reader's own connection
         self._inbox_lane.add_source(self._take_read)
         self._read_due = False  # see ``_take_read``
         self._retry: asyncio.TimerHandle | None = None  # the next read after a failure
@@ -299,11 +299,8 @@ class RedisBackplane(LoopBound):
             answers.append((False, [fut]))
         self._add_entries(groups, calls, answers)
 
-        def done(result: list[Any] | BaseException) -> None:
-            settle(self._lane, calls, [self._keep_script], result,
-                   lambda res: self._written(batch, answers, res))
-
-        return [(calls, done)]
+        return [(calls, settled(self._lane, calls, [self._keep_script],
+                                lambda res: self._written(batch, answers, res)))]
 
     def _written(
         self, batch: list[_Pending], answers: list[tuple[bool, list[asyncio.Future[bool]]]],

@@ -41,7 +41,7 @@ from ..core.ratelimit import Admission
 from ..core.running import LoopBound
 from .keys import LIMITS_PREFIX
 from .lane import Batch, Lane, fail_all
-from .scripts import evalsha, settle
+from .scripts import evalsha, settled
 
 Waiter = asyncio.Future[float | None]
 
@@ -180,12 +180,8 @@ class RedisLimiter(LoopBound):
         args = [time.time(), self._item.amount, self._item.get_expiry(), *amounts]
         self.acquisitions += 1
         commands = [evalsha(self._acquire_script, keys, args)]
-
-        def done(result: list[Any] | BaseException) -> None:
-            settle(self._lane, commands, [self._acquire_script], result,
-                   lambda res: self._acquired(batch, extra, now, res))
-
-        return [(commands, done)]
+        return [(commands, settled(self._lane, commands, [self._acquire_script],
+                                   lambda res: self._acquired(batch, extra, now, res)))]
 
     def _acquired(
         self, batch: dict[str, list[Waiter]], extra: dict[str, int], now: float,

@@ -25,7 +25,7 @@ from ..core.contracts import Claim, Located, Location, Member
 from ..core.running import LoopBound
 from . import keys
 from .lane import Batch, Lane, fail_all
-from .scripts import ScriptCall, evalsha, run_scripts, settle
+from .scripts import ScriptCall, evalsha, run_scripts, settled
 
 _ALIVE = """
 local function now_ms()
@@ -367,12 +367,8 @@ class RedisPresence(LoopBound):
             evalsha(self._live, [keys.devices(u) for u in chunk], [self._prefix])
             for chunk in chunks
         ]
-
-        def done(result: list[Any] | BaseException) -> None:
-            settle(self._lookup_lane, commands, [self._live], result,
-                   lambda res: self._located(batch, chunks, res))
-
-        return [(commands, done)]
+        return [(commands, settled(self._lookup_lane, commands, [self._live],
+                                   lambda res: self._located(batch, chunks, res)))]
 
     @staticmethod
     def _located(

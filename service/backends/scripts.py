@@ -7,13 +7,14 @@ again.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from .lane import Lane
+from .lane import Done, Lane
 
 ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]  # script, keys, args
 
@@ -66,22 +67,29 @@ def is_noscript(reply: Any) -> bool:
 _RERUNS: set[asyncio.Task[list[Any]]] = set()  # held until done (the loop keeps weak refs)
 
 
-def settle(
+def settled(
     lane: Lane,
     commands: Sequence[Sequence[Any]],
     scripts: Iterable[AsyncScript],
-    result: list[Any] | BaseException,
     then: Callable[[list[Any] | BaseException], None],
+) -> Done:
+    """The ``Done`` of a lane source's batch with ``execute``'s NOSCRIPT handling:
+    ``then`` gets the replies at once, or (when some entries came back NOSCRIPT) once the
+    scripts are loaded and those entries run again, from a task."""
+    return functools.partial(_settle, lane, commands, list(scripts), then)
+
+
+def _settle(
+    lane: Lane,
+    commands: Sequence[Sequence[Any]],
+    scripts: list[AsyncScript],
+    then: Callable[[list[Any] | BaseException], None],
+    result: list[Any] | BaseException,
 ) -> None:
-    """``execute``'s NOSCRIPT handling for a batch sent through a lane source: ``then``
-    gets ``result`` at once, or (when some entries came back NOSCRIPT) once the scripts
-    are loaded and those entries run again, from a task."""
     if isinstance(result, BaseException) or not any(is_noscript(r) for r in result):
         then(result)
         return
-    task = asyncio.get_running_loop().create_task(
-        _rerun(lane, commands, list(scripts), result)
-    )
+    task = asyncio.get_running_loop().create_task(_rerun(lane, commands, scripts, result))
     _RERUNS.add(task)
 
     def _done(t: asyncio.Task[list[Any]]) -> None:
