@@ -16,14 +16,17 @@ instances, the calls halved and Redis's time in commands fell 5 % (the steps ins
 scripts, not the calls, are most of it), and the worker packs one command instead of one
 per user.
 
-Leases, for busy senders under a high limit: when a user kept sending through a whole
+Leases, for steady senders under a high limit: when a user came back for more within a
 lease period, the next acquisition takes as many more slots as the user used in that
 period (at most LEASE_SHARE of the limit) and this worker spends them locally for
 LEASE_S seconds, without asking Redis.  Every slot is still counted in Redis before it is
-spent, so the cluster never admits more than the limit; unspent slots lapse with the lease
-(the user is undercharged never, overcharged by at most what it sent in the last
-LEASE_S).  With a limit too low for a lease of two slots (the default 100/second gives 5)
-every message is counted exactly as it comes.
+spent.  A slot counted at its acquisition may be spent up to LEASE_S later, and a worker
+holds one lease per user at a time, so any one window sees at most one lease
+(LEASE_SHARE of the limit) per worker beyond the limit; unspent slots lapse with the
+lease (the user is undercharged never, overcharged by at most what it sent in the last
+LEASE_S, and never by more than LEASE_SHARE of the limit).  With a limit too low for a
+lease of two slots (the default 100/second gives 5) every message is counted exactly as
+it comes.
 """
 
 from __future__ import annotations
@@ -83,7 +86,10 @@ end
 return out
 """
 
-LEASE_S = 0.05  # how long a lease's slots may be spent
+# How long a lease's slots may be spent.  Half a second covers a user who sends a few
+# messages a second (an ICE exchange; 50 ms covered only senders of 20+ a second): their
+# acquisitions fall to about one per lease instead of one per message.
+LEASE_S = 0.5
 LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
 KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 
@@ -172,7 +178,8 @@ class RedisLimiter(LoopBound):
         batch, self._pending = self._pending, {}
         now = time.monotonic()
         if now >= self._lease_sweep:
-            self._leases = {u: v for u, v in self._leases.items() if v[1] > now - 1.0}
+            # a lease that lapsed LEASE_S ago no longer sizes the next (``_lease_size``)
+            self._leases = {u: v for u, v in self._leases.items() if v[1] > now - LEASE_S}
             self._lease_sweep = now + self._item.get_expiry()
         extra = {user: self._lease_size(user, now) for user in batch}
         keys = [self._key(user) for user in batch]

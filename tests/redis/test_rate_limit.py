@@ -9,6 +9,7 @@ import pytest
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 
+import service.backends.redis_limits as rl
 from service.backends.redis_limits import redis_rate_limiter
 from service.core.ratelimit import resolve
 
@@ -52,7 +53,7 @@ async def test_redis_failure_surfaces_to_the_caller(redis_url: str, redis: Any) 
 
 
 async def test_leases_spare_redis_for_busy_senders_and_never_exceed_the_limit(
-    redis_url: str, redis: Any
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w1 = redis_rate_limiter(redis_url, redis, "1000/second")
     w2 = redis_rate_limiter(redis_url, redis, "1000/second")
@@ -80,7 +81,9 @@ async def test_leases_spare_redis_for_busy_senders_and_never_exceed_the_limit(
     both = sum(await asyncio.gather(flood(w1), flood(w2)))
     assert both + admitted <= 1000, both
 
-    # a slow sender takes no lease: one slot per message
+    # a slow sender (a pause of over two lease periods between messages) takes no lease:
+    # one slot per message (the lease period shortened to keep the test quick)
+    monkeypatch.setattr(rl, "LEASE_S", 0.05)
     key_s = "sig:rl:" + parse("1000/second").key_for("u", "slow")
     for _ in range(3):
         assert await w1.hit("slow") is None
@@ -88,6 +91,25 @@ async def test_leases_spare_redis_for_busy_senders_and_never_exceed_the_limit(
     assert await redis.llen(key_s) == 3
     await w1.close()
     await w2.close()
+
+
+async def test_a_steady_sender_of_a_few_messages_a_second_takes_leases(
+    redis_url: str, redis: Any
+) -> None:
+    """One message every 120 ms (an ICE exchange's pace, one per tick; with the 50 ms lease
+    period of before, every one of them was an acquisition): most are spent from a lease,
+    each counted in Redis before it was admitted, and no lease beyond the share."""
+    w = redis_rate_limiter(redis_url, redis, "1000/second")
+    key = "sig:rl:" + parse("1000/second").key_for("u", "ice")
+    admitted = 0
+    for _ in range(16):
+        admitted += await resolve(w.admit("ice")) is None
+        assert await redis.llen(key) >= admitted  # never spent before it was counted
+        await asyncio.sleep(0.12)
+    assert admitted == 16
+    assert w.acquisitions <= 8, w.acquisitions
+    assert await redis.llen(key) <= 16 + int(1000 * rl.LEASE_SHARE)
+    await w.close()
 
 
 async def test_a_tick_of_many_users_is_one_script_call(redis_url: str, redis: Any) -> None:
@@ -137,8 +159,6 @@ async def test_window_list_is_trimmed_to_the_limit_when_old_slots_overflow_it(
 async def test_built_keys_are_limits_own_and_their_cache_is_bounded(
     redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.backends.redis_limits as rl
-
     monkeypatch.setattr(rl, "KEY_CACHE_MAX", 8)
     w = redis_rate_limiter(redis_url, redis, "5/minute")
     for i in range(20):
