@@ -254,6 +254,13 @@ def _pairs(row: list[bytes]) -> Iterable[tuple[str, Location]]:
         yield _s(row[i]), _location(row[i + 1])
 
 
+def _devices(row: list[bytes]) -> dict[str, Location]:
+    """A lookup's row (device, location, device, location...) as a dict of its own."""
+    if len(row) == 2:  # one device: most users, most of the time
+        return {_s(row[0]): _location(row[1])}
+    return {_s(row[i]): _location(row[i + 1]) for i in range(0, len(row), 2)}
+
+
 class RedisPresence(LoopBound):
     def __init__(
         self,
@@ -375,19 +382,20 @@ class RedisPresence(LoopBound):
         batch: list[tuple[Sequence[str], _Located]], chunks: list[list[str]],
         result: list[Any] | BaseException,
     ) -> None:
-        found: dict[str, dict[str, Location]] = {}
+        rows: dict[str, list[bytes]] = {}
         if not isinstance(result, BaseException):
-            for chunk, rows in zip(chunks, result, strict=True):
-                if isinstance(rows, Exception):
-                    result = rows
+            for chunk, chunk_rows in zip(chunks, result, strict=True):
+                if isinstance(chunk_rows, Exception):
+                    result = chunk_rows
                     break
-                found.update({u: dict(_pairs(row)) for u, row in zip(chunk, rows, strict=True)})
+                rows.update(zip(chunk, chunk_rows, strict=True))
         if isinstance(result, BaseException):
             fail_all((fut for _, fut in batch), result, "presence closed")
             return
+        # each answer decoded on its own: callers own their dicts
         for users, fut in batch:
             if not fut.done():
-                fut.set_result({u: dict(found[u]) for u in users})
+                fut.set_result({u: _devices(rows[u]) for u in users})
 
     # ------------------------------------------------------------------ rooms
 

@@ -59,6 +59,22 @@ async def test_claim_locate_release(twin: Twin) -> None:
     assert await p.locate(["u"]) == {"u": {"d2": B1}}
 
 
+async def test_lookups_of_one_tick_each_own_their_answer(twin: Twin) -> None:
+    """Lookups batched together answer with dicts of their own: a caller may change its
+    answer without changing another's."""
+    p = twin.p
+    await p.heartbeat("A", [])
+    await p.heartbeat("B", [])
+    assert (await p.claim("u", "d1", A1, 10)).ok
+    assert (await p.claim("u", "d2", B1, 10)).ok
+    first, second = await asyncio.gather(p.locate(["u"]), p.locate(["u", "v"]))
+    assert first == {"u": {"d1": A1, "d2": B1}}
+    assert second == {"u": {"d1": A1, "d2": B1}, "v": {}}
+    first["u"].pop("d1")
+    first["u"]["d3"] = A2
+    assert second["u"] == {"d1": A1, "d2": B1}
+
+
 async def test_device_limit_counts_other_devices_only(twin: Twin) -> None:
     p = twin.p
     await p.heartbeat("A", [])
