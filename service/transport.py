@@ -676,6 +676,9 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
                 return  # closed by the peer, by us, or by the network
             # every message of the batch asks the limiter at once: one Redis pipeline per tick
             admissions = [admit(user) for _ in batch]
+            if len(batch) > 1:  # direct messages pipelined, replies in order
+                await router.handle_batch(session, batch, admissions)
+                continue
             for i, ((is_text, data), admission) in enumerate(
                 zip(batch, admissions, strict=True)
             ):

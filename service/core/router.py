@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import Close, Code, ProtocolError
@@ -126,6 +126,115 @@ class Router:
         except Exception as exc:
             self._failed(session, exc, msg_id)
 
+    async def handle_batch(
+        self, session: Session, frames: Sequence[tuple[bool, bytes]],
+        admissions: Sequence[Admission],
+    ) -> None:
+        """Frames the edge read together (``(is_text, data)``, in order), each with its
+        ``limiter.admit`` answer.  Direct messages in a row are pipelined: their lookups go
+        out together, each one's envelopes are queued as soon as its lookup is in (in frame
+        order: deliveries to any device keep their order), and their acks follow, in order,
+        once the envelopes are written.  Any other frame, a refusal, a failure and a
+        message for a parked device first wait for the replies in flight: replies keep the
+        frames' order too.  A connection's k queued messages then take two round trips
+        instead of 2k (one at a time, a backlog could outgrow what one connection drains)."""
+        msgs = [parse_direct(data) if is_text else None for is_text, data in frames]
+        lookups: list[Awaitable[Located] | None] = [
+            self.hub.presence.locate([m.to]) if m is not None else None for m in msgs
+        ]
+        inflight: list[_InFlight] = []
+        done = 0
+        try:
+            for (is_text, data), msg, admission in zip(frames, msgs, admissions, strict=True):
+                if session.closed:
+                    break
+                lookup, lookups[done] = lookups[done], None
+                done += 1
+                if msg is None or lookup is None:
+                    await self._settle(session, inflight)
+                    if is_text:
+                        await self.handle(session, data, admission, counted=True)
+                    else:
+                        await self.handle_binary(session, admission, counted=True)
+                    continue
+                await self._pipelined(session, msg, admission, lookup, inflight)
+            await self._settle(session, inflight)
+        finally:
+            for pending in lookups:
+                if pending is not None:
+                    _abandon(pending)
+            for *_, sends in inflight:
+                for send in sends:
+                    _abandon(send)
+            for rest in admissions[done:]:
+                if isinstance(rest, asyncio.Future):
+                    _abandon(rest)
+
+    async def _pipelined(
+        self, session: Session, msg: DirectFields, admission: Admission,
+        lookup: Awaitable[Located], inflight: list[_InFlight],
+    ) -> None:
+        """One direct message of ``handle_batch``: its envelopes queued and its ack left in
+        ``inflight`` when it goes to other workers only; otherwise handled as ``_direct``
+        does once the replies in flight are out."""
+        self.stats.received(msg.type)
+        retry = await self._retry_of(admission)
+        if retry is not None:
+            _abandon(lookup)
+            await self._settle(session, inflight)
+            self._admitted(session, msg.id, retry)
+            return
+        session.strikes = 0
+        try:
+            found = await lookup
+            targets = self._targets(session, msg, found.get(msg.to, {}))
+            ts = self._clock_ms()
+            delivered, frame = 0, b""
+            remote: dict[str, list[str]] = {}
+            parked: list[str] = []
+            if targets:
+                frame = encode_direct(msg, session.user_id, session.device_id, ts)
+                delivered, remote, parked = self._deliver_local(msg.to, targets, frame)
+            if remote and not parked:
+                nodes = list(remote)
+                backplane = self.hub.backplane
+                # queued now, in frame order (a coroutine send becomes a task: it must not
+                # wait for ``_settle``); a future (Redis) is taken as it is
+                sends: list[Awaitable[bool]] = [
+                    asyncio.ensure_future(backplane.send(
+                        n, Envelope("deliver", msg.to, tuple(remote[n]), frame, ts=ts)))
+                    for n in nodes
+                ]
+                inflight.append((msg, delivered, [len(remote[n]) for n in nodes], sends))
+                return
+            await self._settle(session, inflight)
+            if parked:
+                delivered = await self._send_on(msg.to, remote, parked, frame, ts, delivered)
+            self._acknowledge(session, msg, delivered)
+        except Exception as exc:
+            await self._settle(session, inflight)
+            self._failed(session, exc, msg.id)
+
+    async def _settle(self, session: Session, inflight: list[_InFlight]) -> None:
+        """The acks (or errors) of the pipelined messages in flight, in order, as
+        ``_send_on`` and ``_direct`` would answer them."""
+        while inflight:
+            msg, delivered, counts, sends = inflight[0]
+            failed: BaseException | None = None
+            for n, send in zip(counts, sends, strict=True):
+                try:
+                    if await send:
+                        delivered += n
+                except Exception as exc:
+                    failed = exc
+            del inflight[0]
+            try:
+                if failed is not None and delivered == 0:
+                    raise failed
+                self._acknowledge(session, msg, delivered)
+            except Exception as exc:
+                self._failed(session, exc, msg.id)
+
     def handle_now(self, session: Session, frame: bytes) -> bool:
         """Handle one text frame at once, when nothing in it needs waiting for: a direct
         message (§3) whose recipients are all on this worker, with an in-process limiter
@@ -197,15 +306,20 @@ class Router:
     ) -> bool:
         """The per-user budget (§7); ``admission`` is the limiter's answer when the caller
         asked already (``counted``).  Sustained abuse closes the connection with 1008."""
+        retry = await self._retry_of(
+            admission if counted else self.limiter.admit(session.user_id))
+        return self._admitted(session, msg_id, retry)
+
+    async def _retry_of(self, admission: Admission) -> float | None:
+        """The limiter's answer; None (admitted) when the limiter failed."""
         try:
-            retry = await resolve(admission if counted else self.limiter.admit(session.user_id))
+            return await resolve(admission)
         except Exception as exc:
             # Fail open: a signaling outage hurts users more than a brief unmetered window;
             # the per-connection outbox and frame-size bounds still hold.
             self.stats.backplane_error("rate_limit")
             log.warning("rate limiter unavailable (failing open): %s", type(exc).__name__)
-            return True
-        return self._admitted(session, msg_id, retry)
+            return None
 
     def _admitted(self, session: Session, msg_id: str | None, retry: float | None) -> bool:
         """The limiter's answer ``retry`` applied: refused messages are answered (or the
@@ -460,6 +574,11 @@ class Router:
     def _error(self, session: Session, err: ProtocolError) -> None:
         self.stats.error(str(err.code))
         session.push(encode_error(err))
+
+
+# A pipelined message whose envelopes are queued: (message, devices reached here, devices
+# per envelope, the envelopes' outcomes)
+_InFlight = tuple[DirectFields, int, list[int], list[Awaitable[bool]]]
 
 
 def _abandon(pending: Awaitable[Any]) -> None:
