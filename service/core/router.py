@@ -1,8 +1,10 @@
 """Every rule of the protocol for one client frame: ``Router.handle(session, frame)``.
 
 Replies go onto the session's outbox; the router never touches a socket and never raises
-for anything a client sent.  Messages of one connection must be handled one at a time (the
-edge awaits each ``handle``), which is what keeps per-sender order.
+for anything a client sent.  Messages of one connection must be handed over in order and
+one call at a time (the edge awaits each ``handle``, or ``handle_batch`` for frames read
+together, which pipelines direct messages but keeps deliveries and replies in order): that
+is what keeps per-sender order.
 """
 
 from __future__ import annotations
