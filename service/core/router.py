@@ -584,8 +584,9 @@ _InFlight = tuple[DirectFields, int, list[int], list[Awaitable[bool]]]
 
 
 def _abandon(pending: Awaitable[Any]) -> None:
-    """A lookup started for a message that was then refused: its outcome is not needed
-    (and a failure of it must not be logged as never retrieved)."""
+    """An outcome nobody will read (a lookup for a message that was then refused, what a
+    batch left when its connection closed): a coroutine is closed, a future's failure is
+    retrieved so that it is not logged as never retrieved.  A running task goes on."""
     if isinstance(pending, asyncio.Future):
         pending.add_done_callback(_retrieve)
     elif inspect.iscoroutine(pending):
