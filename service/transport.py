@@ -674,27 +674,16 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
             batch = await ws.next_messages()
             if not batch:
                 return  # closed by the peer, by us, or by the network
+            if session.closed:
+                return  # what came with the close is not handled (nor counted)
             # every message of the batch asks the limiter at once: one Redis pipeline per tick
             admissions = [admit(user) for _ in batch]
             if len(batch) > 1:  # direct messages pipelined, replies in order
                 await router.handle_batch(session, batch, admissions)
-                continue
-            for i, ((is_text, data), admission) in enumerate(
-                zip(batch, admissions, strict=True)
-            ):
-                if session.closed:
-                    for rest in admissions[i:]:
-                        if isinstance(rest, asyncio.Future):
-                            rest.add_done_callback(_ignore_outcome)
-                    return
-                if is_text:
-                    await router.handle(session, data, admission, counted=True)
-                else:
-                    await router.handle_binary(session, admission, counted=True)
+            elif batch[0][0]:
+                await router.handle(session, batch[0][1], admissions[0], counted=True)
+            else:
+                await router.handle_binary(session, admissions[0], counted=True)
     finally:
         ws.fast = None
 
-
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: asyncio does not log it as lost

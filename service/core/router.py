@@ -188,26 +188,13 @@ class Router:
             return
         session.strikes = 0
         try:
-            found = await lookup
-            targets = self._targets(session, msg, found.get(msg.to, {}))
-            ts = self._clock_ms()
-            delivered, frame = 0, b""
-            remote: dict[str, list[str]] = {}
-            parked: list[str] = []
-            if targets:
-                frame = encode_direct(msg, session.user_id, session.device_id, ts)
-                delivered, remote, parked = self._deliver_local(msg.to, targets, frame)
+            delivered, remote, parked, frame, ts = self._first_step(session, msg, await lookup)
             if remote and not parked:
-                nodes = list(remote)
-                backplane = self.hub.backplane
                 # queued now, in frame order (a coroutine send becomes a task: it must not
                 # wait for ``_settle``); a future (Redis) is taken as it is
-                sends: list[Awaitable[bool]] = [
-                    asyncio.ensure_future(backplane.send(
-                        n, Envelope("deliver", msg.to, tuple(remote[n]), frame, ts=ts)))
-                    for n in nodes
-                ]
-                inflight.append((msg, delivered, [len(remote[n]) for n in nodes], sends))
+                counts, sends = self._envelopes(msg.to, remote, frame, ts)
+                inflight.append(
+                    (msg, delivered, counts, [asyncio.ensure_future(s) for s in sends]))
                 return
             await self._settle(session, inflight)
             if parked:
@@ -375,16 +362,24 @@ class Router:
         the lookup of ``to``, when the caller started it already."""
         assert msg.type in DIRECT_TYPES
         found = await (early if early is not None else self.hub.presence.locate([msg.to]))
+        # local devices now; an await only when a device is on another worker or parked
+        delivered, remote, parked, frame, ts = self._first_step(session, msg, found)
+        if remote or parked:
+            delivered = await self._send_on(msg.to, remote, parked, frame, ts, delivered)
+        self._acknowledge(session, msg, delivered)
+
+    def _first_step(
+        self, session: Session, msg: DirectFields, found: Located
+    ) -> tuple[int, dict[str, list[str]], list[str], bytes, int]:
+        """What a direct message does at once: its frame (with its acceptance time) handed
+        to the recipient's devices on this worker.  Returns how many took it, the other
+        devices by worker, the parked ones, the frame and the time (for ``_send_on``)."""
         targets = self._targets(session, msg, found.get(msg.to, {}))
         ts = self._clock_ms()
-        delivered = 0
-        if targets:
-            frame = encode_direct(msg, session.user_id, session.device_id, ts)
-            # local devices now; an await only when a device is on another worker or parked
-            delivered, remote, parked = self._deliver_local(msg.to, targets, frame)
-            if remote or parked:
-                delivered = await self._send_on(msg.to, remote, parked, frame, ts, delivered)
-        self._acknowledge(session, msg, delivered)
+        if not targets:
+            return 0, {}, [], b"", ts
+        frame = encode_direct(msg, session.user_id, session.device_id, ts)
+        return (*self._deliver_local(msg.to, targets, frame), frame, ts)
 
     @staticmethod
     def _targets(session: Session, msg: DirectFields, located: dict[str, Location]) -> dict[
@@ -408,6 +403,20 @@ class Router:
                                 to=msg.to)
         if msg.id is not None:
             session.push(encode_ack(msg.id, delivered))
+
+    def _envelopes(
+        self, user: str, remote: dict[str, list[str]], frame: bytes, ts: int
+    ) -> tuple[list[int], list[Awaitable[bool]]]:
+        """One envelope of ``frame`` per worker of ``remote``, queued on the backplane: the
+        devices each one is for, and their outcomes (True: taken; False: the worker is
+        gone)."""
+        backplane = self.hub.backplane
+        counts = [len(devices) for devices in remote.values()]
+        sends = [
+            backplane.send(node, Envelope("deliver", user, tuple(devices), frame, ts=ts))
+            for node, devices in remote.items()
+        ]
+        return counts, sends
 
     async def _route(self, user: str, targets: dict[str, Any], frame: bytes, ts: int) -> int:
         """Local devices straight onto their outboxes; each remote worker gets one envelope.
@@ -445,11 +454,7 @@ class Router:
         ``delivered`` (the local count) plus the devices these reached.  Raises the
         backplane's error when nothing at all was delivered."""
         backplane = self.hub.backplane
-        nodes = list(remote)
-        sends = [
-            backplane.send(n, Envelope("deliver", user, tuple(remote[n]), frame, ts=ts))
-            for n in nodes
-        ]
+        counts, sends = self._envelopes(user, remote, frame, ts)
         keeps = [backplane.keep(user, d, frame) for d in parked]
         if len(sends) + len(keeps) == 1:  # the common case: no gather machinery
             try:
@@ -458,7 +463,8 @@ class Router:
                 results = [exc]
         else:
             results = await asyncio.gather(*sends, *keeps, return_exceptions=True)
-        counts = [len(remote[n]) for n in nodes] + [1] * len(parked)
+        n_sends = len(sends)
+        counts += [1] * len(parked)
         failed: BaseException | None = None
         resumed: list[str] = []
         for i, (n, res) in enumerate(zip(counts, results, strict=True)):
@@ -466,8 +472,8 @@ class Router:
                 failed = res
             elif res:
                 delivered += n
-            elif i >= len(nodes):
-                resumed.append(parked[i - len(nodes)])
+            elif i >= n_sends:
+                resumed.append(parked[i - n_sends])
         if resumed:  # they reconnected between our lookup and the keep: route them live
             located = (await self.hub.presence.locate([user])).get(user, {})
             live = {d: located[d] for d in resumed if d in located and located[d].node != PARKED}
