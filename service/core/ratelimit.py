@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Union
+from typing import Any, Union
 
 from limits import parse
 
@@ -34,9 +34,9 @@ async def resolve(admission: Admission) -> float | None:
 
 
 class WindowLimiter:
-    """An exact moving window per user, in memory: one deque of (time slot, count) per
-    active user, slots of 1/1000 of the period, so a user costs at most 1,000 entries
-    whatever the limit.  Users idle for a whole period are forgotten."""
+    """An exact moving window per user, in memory: each user's hits counted in slots of
+    1/1000 of the period, so a user costs at most 1,000 slots whatever the limit.  Users
+    idle for a whole period are forgotten."""
 
     synchronous = True  # ``admit`` answers at once
 
@@ -44,7 +44,10 @@ class WindowLimiter:
         self.limit, self.period_s = parse_rate(rate)
         self._slot = self.period_s / 1000
         self._clock = clock
-        self._users: dict[str, tuple[deque[list[float]], list[int]]] = {}
+        # user -> [hits in ``slots``, slots]; ``slots`` holds (slot start, hits) pairs
+        # flat, oldest first: one deque per user and no object per slot (this runs for
+        # every message, and at thousands of users what it touches is what it costs)
+        self._users: dict[str, list[Any]] = {}
         self._next_sweep = clock() + self.period_s
 
     def admit(self, user: str) -> Admission:
@@ -53,19 +56,24 @@ class WindowLimiter:
             self._sweep(now)
         entry = self._users.get(user)
         if entry is None:
-            entry = self._users[user] = (deque(), [0])
-        slots, total = entry
+            entry = self._users[user] = [0, deque()]
+        slots: deque[float] = entry[1]
         horizon = now - self.period_s
-        while slots and slots[0][0] <= horizon:
-            total[0] -= int(slots.popleft()[1])
-        if total[0] >= self.limit:
-            return max(0.001, slots[0][0] - horizon)
+        if slots and slots[0] <= horizon:
+            total = entry[0]
+            while slots and slots[0] <= horizon:
+                slots.popleft()
+                total -= slots.popleft()
+            entry[0] = total
+        if entry[0] >= self.limit:
+            return max(0.001, slots[0] - horizon)
         slot = now - now % self._slot
-        if slots and slots[-1][0] == slot:
-            slots[-1][1] += 1
+        if slots and slots[-2] == slot:
+            slots[-1] += 1
         else:
-            slots.append([slot, 1])
-        total[0] += 1
+            slots.append(slot)
+            slots.append(1)
+        entry[0] += 1
         return None
 
     async def hit(self, user: str) -> float | None:
@@ -73,7 +81,7 @@ class WindowLimiter:
 
     def _sweep(self, now: float) -> None:
         horizon = now - self.period_s
-        for user in [u for u, (s, _) in self._users.items() if not s or s[-1][0] <= horizon]:
+        for user in [u for u, (_, s) in self._users.items() if not s or s[-2] <= horizon]:
             del self._users[user]
         self._next_sweep = now + self.period_s
 
