@@ -53,6 +53,8 @@ _PONG_HEAD = b"\x8a"  # FIN + pong; the payload length (<= 125) follows
 
 
 def _valid_utf8(data: bytes) -> bool:
+    if data.isascii():  # most frames (JSON, SDP, ICE): no decoded copy to throw away
+        return True
     try:
         data.decode()
     except UnicodeDecodeError:
@@ -128,6 +130,7 @@ class LeanWebsocket(WebsocketImplProtocol):
         # Sanic's methods read.
         self.ws_proto = ws_proto
         self.io_proto = None
+        self.transport: Any = None  # the socket's (``io_proto.transport``, read per write)
         self.loop = None
         self.close_timeout = close_timeout
         self.ping_interval = ping_interval
@@ -142,7 +145,8 @@ class LeanWebsocket(WebsocketImplProtocol):
         self._rest = b""  # the start of a frame not yet complete
         self._max_size = ws_proto.max_message_size or 2**63
         self._paused = False
-        self.close_started = False  # the edge began closing (see ``flush_one``)
+        # our close frame is out or about to be (``flush_one``, ``close``): no data after it
+        self.close_started = False
         self.closing: asyncio.Future[None] | None = None
         self.ping_sent_at = 0.0  # monotonic time of an unanswered ping, or 0
         self.ping_due = time.monotonic()  # when the Pinger last considered this socket
@@ -152,6 +156,7 @@ class LeanWebsocket(WebsocketImplProtocol):
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
         self.io_proto = io_proto
+        self.transport = io_proto.transport
         # Frames are parsed here, not by websockets: its parser (a generator) and its
         # receive buffer can go (nothing below calls websockets' receive side or ``fail``).
         self.ws_proto.parser = None  # type: ignore[assignment]
@@ -251,10 +256,12 @@ class LeanWebsocket(WebsocketImplProtocol):
                 return self._fail(1002, "unknown opcode")
         if pos < end:
             self._rest = data[pos:]
-        if not inbox and not self.finished:
-            return  # nothing for the read loop (all handled here, or control frames only)
+        if not inbox:
+            # nothing for the read loop: all handled here, or control frames only (a close
+            # frame wakes it in ``_close_received``)
+            return
         if len(inbox) >= INBOX_PAUSE and not self._paused:
-            transport = self.io_proto.transport if self.io_proto is not None else None
+            transport = self.transport
             if transport is not None:
                 self._paused = True
                 transport.pause_reading()
@@ -287,8 +294,7 @@ class LeanWebsocket(WebsocketImplProtocol):
     def _send_now(self, chunks: list[bytes]) -> None:
         """Write protocol output (pongs, close frames); an empty chunk means: the close
         handshake is over, close the TCP connection."""
-        io = self.io_proto
-        transport = io.transport if io is not None else None
+        transport = self.transport
         if transport is None:
             return
         for chunk in chunks:
@@ -305,13 +311,13 @@ class LeanWebsocket(WebsocketImplProtocol):
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send our close frame; the TCP connection is closed when the client answers, or
         aborted ``close_timeout`` later."""
+        self.close_started = True
         if self.ws_proto.state is not _ws_protocol.OPEN:
             return
         self.ws_proto.send_close(code, reason)
         self._send_now(self.ws_proto.data_to_send())
-        io = self.io_proto
-        if io is not None and io.transport is not None and self.loop is not None:
-            self.loop.call_later(self.close_timeout, io.transport.abort)
+        if self.transport is not None and self.loop is not None:
+            self.loop.call_later(self.close_timeout, self.transport.abort)
 
     def ping_now(self, now: float) -> bool:
         """Called by the Pinger: send a ping, or fail the connection (1011) when the last
@@ -369,9 +375,9 @@ class LeanWebsocket(WebsocketImplProtocol):
             finally:
                 self._waiter = None
         batch, self.inbox = self.inbox, []
-        if self._paused and self.io_proto is not None and self.io_proto.transport is not None:
+        if self._paused and self.transport is not None:
             self._paused = False
-            self.io_proto.transport.resume_reading()
+            self.transport.resume_reading()
         return batch
 
 
@@ -481,12 +487,12 @@ class Flusher:
     per connection.  Frames are framed here (server frames are unmasked: a 2-10 byte header)."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Session, LeanWebsocket]] = []
+        self._pending: list[Session] = []
         self._scheduled = False
 
     def on_ready(self, session: Session) -> None:
         """The ``on_ready`` hook of every session (``session.edge`` is its socket)."""
-        self._pending.append((session, session.edge))
+        self._pending.append(session)
         if not self._scheduled:
             self._scheduled = True
             (session.edge.loop or asyncio.get_running_loop()).call_soon(self.flush)
@@ -495,9 +501,9 @@ class Flusher:
         self._scheduled = False
         pending, self._pending = self._pending, []
         sent = 0
-        for session, ws in pending:
+        for session in pending:
             try:
-                sent += flush_one(session, ws)
+                sent += flush_one(session, session.edge)
             except Exception as exc:  # one broken socket must not stall the others
                 log.warning("write failed: %s", type(exc).__name__, exc_info=True)
         metrics.count_sent(sent)
@@ -520,13 +526,10 @@ def flush_one(session: Session, ws: LeanWebsocket) -> int:
     frames = session.take()
     written = 0
     if frames:
-        io = ws.io_proto
-        transport = io.transport if io is not None else None
-        if (
-            transport is not None
-            and not transport.is_closing()
-            and ws.ws_proto.state is _ws_protocol.OPEN
-        ):
+        transport = ws.transport
+        # no data after our close frame, nor on a socket that is closing or gone (a close
+        # frame received, a failure: both close the transport)
+        if transport is not None and not ws.close_started and not transport.is_closing():
             parts: list[bytes] = []
             for frame in frames:
                 parts.append(_frame_header(len(frame)))

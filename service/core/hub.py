@@ -325,7 +325,7 @@ class Hub:
 
     # ------------------------------------------------------------------ direct delivery
 
-    def deliver(self, user: str, devices: tuple[str, ...] | list[str], frame: bytes) -> int:
+    def deliver(self, user: str, devices: Iterable[str], frame: bytes) -> int:
         """Queue ``frame`` for the named local devices; returns how many took it."""
         local = self.sessions.get(user)
         if not local and not self._claiming:

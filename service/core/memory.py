@@ -15,6 +15,7 @@ from .ratelimit import WindowLimiter
 
 K = TypeVar("K", str, Member)
 LIVE, RESUMABLE, DEAD = 2, 1, 0
+_NO_DEVICES: dict[str, Location] = {}  # read only: the devices of a user nobody holds
 
 
 @dataclass
@@ -38,8 +39,9 @@ class MemoryCluster:
     def alive(self, node: str) -> bool:
         return self.alive_until.get(node, -1.0) > self.clock()
 
-    def state(self, loc: Location) -> int:
-        now = self.clock()
+    def state(self, loc: Location, now: float | None = None) -> int:
+        if now is None:
+            now = self.clock()
         if loc.node == PARKED:
             return RESUMABLE if self.parked_until.get(loc.conn, -1.0) > now else DEAD
         until = self.alive_until.get(loc.node)  # one read of the clock and the table
@@ -52,8 +54,9 @@ class MemoryCluster:
     def live(self, table: dict[K, Location]) -> dict[K, Location]:
         """Entries that count as online; resumable ones shown as parked."""
         out: dict[K, Location] = {}
+        now = self.clock()
         for k, loc in table.items():
-            st = self.state(loc)
+            st = self.state(loc, now)
             if st == LIVE:
                 out[k] = loc
             elif st == RESUMABLE:
@@ -125,7 +128,11 @@ class MemoryPresence:
         return adopted
 
     def locate_now(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
-        return {u: self.cluster.live(self.cluster.devices.get(u, {})) for u in users}
+        c = self.cluster
+        if len(users) == 1:  # a direct message's recipient (every message: no comprehension)
+            user = users[0]
+            return {user: c.live(c.devices.get(user, _NO_DEVICES))}
+        return {u: c.live(c.devices.get(u, _NO_DEVICES)) for u in users}
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         return self.locate_now(users)

@@ -249,13 +249,16 @@ class Router:
         try:
             retry = self.limiter.admit(session.user_id)
             assert not isinstance(retry, asyncio.Future)  # ``inline``: a synchronous limiter
-            if self._admitted(session, msg.id, retry):
-                delivered = 0
-                if targets:
-                    frame = encode_direct(msg, session.user_id, session.device_id,
-                                          self._clock_ms())
-                    delivered = self.hub.deliver(msg.to, list(targets), frame)
-                self._acknowledge(session, msg, delivered)
+            if retry is None:  # admitted (``_admitted`` without the call)
+                session.strikes = 0
+            elif not self._admitted(session, msg.id, retry):
+                return True
+            delivered = 0
+            if targets:
+                frame = encode_direct(msg, session.user_id, session.device_id,
+                                      self._clock_ms())
+                delivered = self.hub.deliver(msg.to, targets, frame)
+            self._acknowledge(session, msg, delivered)
         except Exception as exc:
             self._failed(session, exc, msg.id)
         return True
