@@ -29,7 +29,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats
+from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats, envelope_of
 from ..core.running import LoopBound
 from . import keys
 from .lane import Batch, Lane
@@ -121,7 +121,7 @@ def decode_entry(fields: Any) -> list[Envelope]:
     if batch is None:
         return [decode_envelope(fields)]
     return [
-        Envelope(_KIND_S_BACK[k], u, tuple(d.split(",")) if d else (), f, c, t)
+        envelope_of(_KIND_S_BACK[k], u, tuple(d.split(",")) if d else (), f, c, t)
         for k, u, d, f, c, t in _rows.decode(batch)
     ]
 

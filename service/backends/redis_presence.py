@@ -395,7 +395,11 @@ class RedisPresence(LoopBound):
         # each answer decoded on its own: callers own their dicts
         for users, fut in batch:
             if not fut.done():
-                fut.set_result({u: _devices(rows[u]) for u in users})
+                if len(users) == 1:  # a direct message's recipient: no comprehension
+                    user = users[0]
+                    fut.set_result({user: _devices(rows[user])})
+                else:
+                    fut.set_result({u: _devices(rows[u]) for u in users})
 
     # ------------------------------------------------------------------ rooms
 

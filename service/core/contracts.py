@@ -70,6 +70,22 @@ class Envelope(NamedTuple):
     ts: int = 0
 
 
+_tuple_new = tuple.__new__
+
+
+def delivery(user: str, devices: tuple[str, ...], frame: bytes, ts: int) -> Envelope:
+    """``Envelope("deliver", user, devices, frame, ts=ts)`` without the named tuple's
+    argument-parsing constructor (0.32 -> 0.13 µs; two per cross-worker message)."""
+    return _tuple_new(Envelope, ("deliver", user, devices, frame, "", ts))
+
+
+def envelope_of(
+    kind: str, user: str, devices: tuple[str, ...], frame: bytes, conn: str, ts: int
+) -> Envelope:
+    """An ``Envelope`` from all of its fields, as ``delivery`` builds one."""
+    return _tuple_new(Envelope, (kind, user, devices, frame, conn, ts))
+
+
 EnvelopeSink = Callable[[Envelope], None]
 
 # a lookup's answer: each user's live devices and where they are

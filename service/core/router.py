@@ -39,7 +39,7 @@ from ..protocol import (
     parse_direct,
     with_id,
 )
-from .contracts import PARKED, Envelope, Located, Location, RateLimiter
+from .contracts import PARKED, Located, Location, RateLimiter, delivery
 from .hub import Hub
 from .ratelimit import Admission, resolve
 from .session import Session
@@ -414,9 +414,13 @@ class Router:
         devices each one is for, and their outcomes (True: taken; False: the worker is
         gone)."""
         backplane = self.hub.backplane
+        if len(remote) == 1:  # one other worker (most messages): no comprehensions
+            for node, devices in remote.items():
+                return [len(devices)], [backplane.send(node, delivery(
+                    user, tuple(devices), frame, ts))]
         counts = [len(devices) for devices in remote.values()]
         sends = [
-            backplane.send(node, Envelope("deliver", user, tuple(devices), frame, ts=ts))
+            backplane.send(node, delivery(user, tuple(devices), frame, ts))
             for node, devices in remote.items()
         ]
         return counts, sends
@@ -457,9 +461,19 @@ class Router:
         ``delivered`` (the local count) plus the devices these reached.  Raises the
         backplane's error when nothing at all was delivered."""
         backplane = self.hub.backplane
+        if not parked and len(remote) == 1:  # the common case: one envelope, nothing kept
+            for node, devices in remote.items():
+                try:
+                    taken = await backplane.send(node, delivery(
+                        user, tuple(devices), frame, ts))
+                except Exception:
+                    if delivered == 0:
+                        raise
+                    return delivered
+                return delivered + len(devices) if taken else delivered
         counts, sends = self._envelopes(user, remote, frame, ts)
         keeps = [backplane.keep(user, d, frame) for d in parked]
-        if len(sends) + len(keeps) == 1:  # the common case: no gather machinery
+        if len(sends) + len(keeps) == 1:  # no gather machinery
             try:
                 results: list[Any] = [await (sends or keeps)[0]]
             except Exception as exc:
