@@ -679,14 +679,15 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
                 return  # closed by the peer, by us, or by the network
             if session.closed:
                 return  # what came with the close is not handled (nor counted)
-            # every message of the batch asks the limiter at once: one Redis pipeline per tick
-            admissions = [admit(user) for _ in batch]
-            if len(batch) > 1:  # direct messages pipelined, replies in order
+            if len(batch) > 1:
+                # every message of the batch asks the limiter at once (one Redis pipeline
+                # per tick); direct messages pipelined, replies in order
+                admissions = [admit(user) for _ in batch]
                 await router.handle_batch(session, batch, admissions)
             elif batch[0][0]:
-                await router.handle(session, batch[0][1], admissions[0], counted=True)
+                await router.handle(session, batch[0][1], admit(user), counted=True)
             else:
-                await router.handle_binary(session, admissions[0], counted=True)
+                await router.handle_binary(session, admit(user), counted=True)
     finally:
         ws.fast = None
 
