@@ -17,7 +17,9 @@ import msgspec
 
 from .errors import Code, ProtocolError
 
-IDENT_PATTERN: Final = r"^[A-Za-z0-9._:@-]{1,128}$"
+# the whole string (``\Z``, not ``$``: that would accept a trailing newline); msgspec and
+# the token check both apply it with Python's ``re``
+IDENT_PATTERN: Final = r"^[A-Za-z0-9._:@-]{1,128}\Z"
 MAX_ID_LEN: Final = 64
 MAX_PRESENCE_USERS: Final = 100
 MAX_WATCH_USERS: Final = 200
@@ -192,7 +194,8 @@ def parse_direct(frame: str | bytes) -> DirectFields | None:
 def _describe(exc: msgspec.ValidationError) -> str:
     """msgspec's message names the field and the rule, never the value sent."""
     text = str(exc)
-    return text.replace("Expected `str` matching regex", "expected an identifier matching")
+    return text.replace("Expected `str` matching regex", "expected an identifier matching").replace(
+        repr(IDENT_PATTERN), "[A-Za-z0-9._:@-]{1,128} (the whole string)")
 
 
 # --------------------------------------------------------------------------- server frames

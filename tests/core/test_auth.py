@@ -49,6 +49,8 @@ def test_refusal_codes() -> None:
     no_dev = jwt.encode({"user_id": "a", "exp": now + 60}, SECRET)
     assert refused(v, no_dev) == "invalid_token"
     assert refused(v, mint(SECRET, "a b", "d")) == "invalid_token"
+    assert refused(v, mint(SECRET, "a\n", "d")) == "invalid_token"  # the whole string
+    assert refused(v, mint(SECRET, "a", "d\n")) == "invalid_token"
     assert refused(v, mint(SECRET, "a", "d" * 129)) == "invalid_token"
     unsigned = jwt.encode({"user_id": "a", "device_id": "d", "exp": now + 60}, None,
                           algorithm="none")

@@ -44,6 +44,11 @@ def code_of(frame: str | bytes) -> tuple[str, str | None]:
         ('{"type": "offer", "to": "bad id", "id": "i"}', ("invalid_message", "i")),
         ('{"type": "offer", "to": "' + "u" * 129 + '"}', ("invalid_message", None)),
         ('{"type": "offer", "to": "u", "to_device": ""}', ("invalid_message", None)),
+        # the whole string must match: ``$`` would accept a trailing newline
+        ('{"type": "offer", "to": "bob\\n", "id": "i"}', ("invalid_message", "i")),
+        ('{"type": "offer", "to": "bob", "to_device": "d\\n"}', ("invalid_message", None)),
+        ('{"type": "subscribe", "room": "r\\n"}', ("invalid_message", None)),
+        ('{"type": "presence", "users": ["u\\n"]}', ("invalid_message", None)),
         ('{"type": "presence", "users": "u1"}', ("invalid_message", None)),
         ('{"type": "presence", "users": ' + json.dumps([f"u{i}" for i in range(101)]) + "}",
          ("invalid_message", None)),
@@ -53,6 +58,15 @@ def code_of(frame: str | bytes) -> tuple[str, str | None]:
 )
 def test_refusals_have_their_codes(frame: str, expected: tuple[str, str | None]) -> None:
     assert code_of(frame) == expected
+
+
+def test_a_malformed_identifier_is_named_in_the_documented_form() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse('{"type": "offer", "to": "bob\\n"}')
+    assert info.value.message == (
+        "expected an identifier matching [A-Za-z0-9._:@-]{1,128} (the whole string)"
+        " - at `$.to`")
+    assert "bob" not in info.value.message  # never the value sent
 
 
 def test_direct_keeps_payload_bytes_and_optional_fields() -> None:
@@ -133,6 +147,8 @@ def test_parse_direct_remembers_identifiers_but_still_checks_new_ones() -> None:
     assert parse_direct(ok) is not None and parse_direct(ok) is not None
     assert parse_direct(b'{"type":"offer","to":"b b","payload":1}') is None
     assert parse_direct(b'{"type":"offer","to":"bob","to_device":"","payload":1}') is None
+    assert parse_direct(b'{"type":"offer","to":"bob\\n","payload":1}') is None
+    assert parse_direct(b'{"type":"offer","to":"bob","to_device":"d\\n"}') is None
     for i in range(IDENT_CACHE_MAX + 10):  # bounded
         assert parse_direct(b'{"type":"bye","to":"u%d"}' % i) is not None
     assert 0 < len(protocol._valid_idents) <= IDENT_CACHE_MAX
