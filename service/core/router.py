@@ -249,9 +249,7 @@ class Router:
         try:
             retry = self.limiter.admit(session.user_id)
             assert not isinstance(retry, asyncio.Future)  # ``inline``: a synchronous limiter
-            if retry is None:  # admitted (``_admitted`` without the call)
-                session.strikes = 0
-            elif not self._admitted(session, msg.id, retry):
+            if not self._admitted(session, msg.id, retry):
                 return True
             delivered = 0
             if targets:
@@ -460,26 +458,18 @@ class Router:
         """One envelope per remote worker, one kept frame per parked device; returns
         ``delivered`` (the local count) plus the devices these reached.  Raises the
         backplane's error when nothing at all was delivered."""
-        backplane = self.hub.backplane
-        if not parked and len(remote) == 1:  # the common case: one envelope, nothing kept
-            for node, devices in remote.items():
-                try:
-                    taken = await backplane.send(node, delivery(
-                        user, tuple(devices), frame, ts))
-                except Exception:
-                    if delivered == 0:
-                        raise
-                    return delivered
-                return delivered + len(devices) if taken else delivered
         counts, sends = self._envelopes(user, remote, frame, ts)
-        keeps = [backplane.keep(user, d, frame) for d in parked]
-        if len(sends) + len(keeps) == 1:  # no gather machinery
+        if not parked and len(sends) == 1:  # the common case: one envelope, nothing kept
             try:
-                results: list[Any] = [await (sends or keeps)[0]]
-            except Exception as exc:
-                results = [exc]
-        else:
-            results = await asyncio.gather(*sends, *keeps, return_exceptions=True)
+                taken = await sends[0]
+            except Exception:
+                if delivered == 0:
+                    raise
+                return delivered
+            return delivered + counts[0] if taken else delivered
+        backplane = self.hub.backplane
+        keeps = [backplane.keep(user, d, frame) for d in parked]
+        results: list[Any] = await asyncio.gather(*sends, *keeps, return_exceptions=True)
         n_sends = len(sends)
         counts += [1] * len(parked)
         failed: BaseException | None = None
