@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import multiprocessing
 import sys
 import time
 from typing import Any
@@ -125,9 +126,11 @@ async def metrics_endpoint(request: Request) -> HTTPResponse:
 
 
 async def _main_start(app: Sanic) -> None:
-    """Main process: refuse several workers without a shared backplane."""
+    """Main process: refuse several workers without a shared backplane; create the
+    instance-wide drain flag the workers share."""
     privacy.install()
     settings: Settings = app.ctx.settings
+    app.shared_ctx.draining = multiprocessing.get_context("spawn").RawValue("b", 0)
     workers = int(getattr(app.state, "workers", 1) or 1)
     if settings.redis_url is None:
         if workers > 1:
@@ -162,13 +165,14 @@ def tune_gc() -> None:
 async def _worker_start(app: Sanic) -> None:
     privacy.install()
     rt = Runtime.build(app.ctx.settings)
+    rt.instance_drain = getattr(app.shared_ctx, "draining", None)
+    rt.serving()
     app.ctx.runtime = rt
     try:
         await rt.start()
     except Exception as exc:
         # Start anyway: /ready says 503 and the heartbeat keeps trying to reach Redis.
         log.error("backplane not reachable at start: %s", type(exc).__name__)
-        rt.draining = False
         app.add_task(_retry_start(rt), name="retry-start")
     tune_gc()
     log.info(
@@ -197,7 +201,7 @@ async def _worker_drain(app: Sanic) -> None:
     rt: Runtime | None = getattr(app.ctx, "runtime", None)
     if rt is None:
         return
-    rt.draining = True
+    rt.start_draining()
     settings = rt.settings
     started = time.monotonic()
     sessions = list(rt.hub.all_sessions())

@@ -56,7 +56,12 @@ class Runtime:
             max_room_members=settings.max_room_members,
         )
         self.limiter = limiter
-        self.draining = False
+        # one flag for every worker of this instance (a multiprocessing value the app hands
+        # over; None in a lone process): the first worker to drain turns the others' /ready
+        # and upgrades away too, so a balancer never sees a mix of 200 and 503 while the
+        # workers' stop listeners start a few milliseconds apart
+        self.instance_drain: Any = None
+        self._draining = False
         self._clients = clients
         self._closed = False
 
@@ -114,6 +119,25 @@ class Runtime:
         )
 
     @property
+    def draining(self) -> bool:
+        """True once this worker, or any worker of this instance, started to drain."""
+        shared = self.instance_drain
+        return self._draining or (shared is not None and bool(shared.value))
+
+    def start_draining(self) -> None:
+        """Refuse readiness and new upgrades from now on, here and in the sibling workers."""
+        self._draining = True
+        if self.instance_drain is not None:
+            self.instance_drain.value = 1
+
+    def serving(self) -> None:
+        """A worker that starts serves: Sanic's manager starts none while the instance stops,
+        so a flag left by a worker that was restarted on its own is cleared here."""
+        self._draining = False
+        if self.instance_drain is not None:
+            self.instance_drain.value = 0
+
+    @property
     def clustered(self) -> bool:
         return self.settings.redis_url is not None
 
@@ -135,7 +159,7 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
-        self.draining = True
+        self._draining = True  # this worker only: a lone worker's stop is not the instance's
         mark_dead = getattr(self.hub.presence, "mark_dead", None)
         await self.hub.close()
         if mark_dead is not None:
