@@ -347,7 +347,7 @@ class RedisPresence(LoopBound):
         )
         return sorted(_s(r) for r in rooms)
 
-    def locate_now(self, users: Sequence[str]) -> None:
+    def locate_now(self, user: str) -> None:
         return None  # the answer is in Redis: ``locate``
 
     def locate(self, users: Sequence[str]) -> _Located:

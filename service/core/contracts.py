@@ -108,9 +108,10 @@ class Presence(Protocol):
         batches lookups registers this one at the call (so a caller may start it before it
         knows it will need the answer); one that does not may look up at the await."""
 
-    def locate_now(self, users: Sequence[str]) -> Located | None:
-        """``locate``'s answer right now when this backend holds it in this process (the
-        memory twin); None when it does not (the caller must then use ``locate``)."""
+    def locate_now(self, user: str) -> dict[str, Location] | None:
+        """The live devices of one ``user`` (``locate``'s answer for it) right now, when
+        this backend holds them in this process (the memory twin); None when it does not
+        (the caller must then use ``locate``)."""
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         """The connection at ``loc`` dropped without a clean close: keep the device online,

@@ -55,7 +55,12 @@ class MemoryCluster:
         """Entries that count as online; resumable ones shown as parked."""
         out: dict[K, Location] = {}
         now = self.clock()
+        alive = self.alive_until
         for k, loc in table.items():
+            until = alive.get(loc.node)  # ``state``'s LIVE case inline: every message asks
+            if until is not None and until > now:
+                out[k] = loc
+                continue
             st = self.state(loc, now)
             if st == LIVE:
                 out[k] = loc
@@ -127,15 +132,13 @@ class MemoryPresence:
                 adopted.append(room)
         return adopted
 
-    def locate_now(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
+    def locate_now(self, user: str) -> dict[str, Location]:
         c = self.cluster
-        if len(users) == 1:  # a direct message's recipient (every message: no comprehension)
-            user = users[0]
-            return {user: c.live(c.devices.get(user, _NO_DEVICES))}
-        return {u: c.live(c.devices.get(u, _NO_DEVICES)) for u in users}
+        return c.live(c.devices.get(user, _NO_DEVICES))
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
-        return self.locate_now(users)
+        c = self.cluster
+        return {u: c.live(c.devices.get(u, _NO_DEVICES)) for u in users}
 
     async def heartbeat(
         self,
