@@ -182,6 +182,23 @@ class LeanWebsocket(WebsocketImplProtocol):
     def data_received(self, data: bytes) -> None:
         """Parse the client's frames (RFC 6455 §5) straight into ``inbox``.  Any protocol
         violation fails the connection with the code the RFC names (1002, 1007, 1009)."""
+        fast = self.fast
+        if fast is not None and not self._rest and not self.inbox:
+            # The common read, first: exactly one whole text frame (FIN, no reserved bits,
+            # masked, a 7-bit length within the size limit), handled at once when nothing
+            # of this connection is in progress; anything else takes the general path.
+            length = data[1] - 0x80 if len(data) > 6 and data[0] == 0x81 else -1
+            if 0 <= length < 126 and length == len(data) - 6 and length <= self._max_size \
+                    and self._fragments is None and self.ws_proto.close_rcvd is None:
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    payload = apply_mask(data[6:], data[2:6])
+                    if not _valid_utf8(payload):
+                        return self._fail(1007, "invalid UTF-8")
+                    if not fast[0].handle_now(fast[1], payload):
+                        self.inbox.append((True, payload))
+                        self.wake()
+                    return
         if self._rest:
             data = self._rest + data
             self._rest = b""
@@ -191,7 +208,6 @@ class LeanWebsocket(WebsocketImplProtocol):
         # Frames are handled right here (``Router.handle_now``) while the read loop waits
         # on an empty inbox: nothing of this connection is then in progress.  Once one is
         # queued, every later one is too, so per-connection order holds.
-        fast = self.fast
         if fast is not None:
             waiter = self._waiter
             if inbox or waiter is None or waiter.done():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+
+from websockets.protocol import OPEN
 
 from service.transport import LeanWebsocket, SignalingServerProtocol
 
@@ -19,3 +22,93 @@ def test_an_idle_connection_keeps_a_small_shared_key_dict() -> None:
     for name in ("conn_mutex", "recv_cancel", "data_finished_fut", "keepalive_ping_task",
                  "auto_closer_task", "connection_lost_waiter", "pause_frame_fut", "can_pause"):
         assert hasattr(ws, name)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(bytes(data))
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.out.append(b"".join(parts))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+
+class _Router:
+    def __init__(self, handles: bool) -> None:
+        self.handles = handles
+        self.seen: list[bytes] = []
+
+    def handle_now(self, session: object, frame: bytes) -> bool:
+        self.seen.append(frame)
+        return self.handles
+
+
+def _frame(payload: bytes, first: int = 0x81, mask: bool = True) -> bytes:
+    key = b"\x01\x02\x03\x04"
+    assert len(payload) < 126
+    if not mask:
+        return bytes((first, len(payload))) + payload
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes((first, 0x80 | len(payload))) + key + masked
+
+
+def _reading(handles: bool) -> tuple[LeanWebsocket, _Router, _Transport, asyncio.Future[None]]:
+    """A connection whose read loop waits on an empty inbox, with an inline router."""
+    ws = LeanWebsocket(SignalingServerProtocol(), ping_interval=None)
+    ws.ws_proto.state = OPEN
+    transport = _Transport()
+    ws.transport = transport
+    router = _Router(handles)
+    ws.fast = (router, object())  # type: ignore[assignment]
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ws._waiter = waiter
+    return ws, router, transport, waiter
+
+
+def _close_code(transport: _Transport) -> int | None:
+    for chunk in transport.out:
+        if chunk[:1] == b"\x88":
+            return int.from_bytes(chunk[2:4], "big")
+    return None
+
+
+async def test_one_whole_frame_is_handled_in_the_read_callback() -> None:
+    ws, router, transport, waiter = _reading(handles=True)
+    ws.data_received(_frame(b'{"type":"offer"}'))
+    assert router.seen == [b'{"type":"offer"}']
+    assert ws.inbox == [] and not waiter.done()
+
+    # not for the inline path: queued for the read loop, which is woken
+    ws, router, transport, waiter = _reading(handles=False)
+    ws.data_received(_frame(b'{"type":"ping"}'))
+    assert router.seen == [b'{"type":"ping"}']
+    assert ws.inbox == [(True, b'{"type":"ping"}')] and waiter.done()
+
+
+async def test_a_lone_frame_breaking_the_rules_still_fails_with_the_rfc_code() -> None:
+    for data, code in (
+        (_frame(b'"\xff\xfe"'), 1007),  # not UTF-8
+        (_frame(b"{}", mask=False), 1002),  # clients must mask
+        (_frame(b"{}", first=0xC1), 1002),  # a reserved bit
+        (_frame(b"{}", first=0x80), 1002),  # a continuation with nothing to continue
+    ):
+        ws, router, transport, waiter = _reading(handles=True)
+        ws.data_received(data)
+        assert router.seen == [], data
+        assert _close_code(transport) == code, (data, transport.out)
+        assert waiter.done()
