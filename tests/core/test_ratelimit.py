@@ -42,11 +42,34 @@ def test_memory_is_bounded_by_slots_and_idle_users_are_forgotten() -> None:
     for _ in range(50_000):
         clock.t += 0.00001  # 100k messages/s: many hits share a slot of 1 ms
         assert lim.admit("busy") is None
-    total, slots = lim._users["busy"]
-    assert total == 50_000 and len(slots) <= 2 * 501  # (slot, hits) pairs, flat
+    total, starts, hits, _ = lim._users["busy"]
+    assert total == 50_000 and sum(hits) == total  # nothing expired yet (0.5 s of hits)
+    assert len(starts) == len(hits) <= 501  # many hits share a slot of 1 ms
     clock.t += 2.5
     lim.admit("someone-else")
     assert "busy" not in lim._users
+
+
+def test_a_steady_sender_keeps_at_most_twice_a_window_of_slots() -> None:
+    """Slots that left the window are cut in bulk, not per message: the lists stay within
+    twice the live slots however long the user sends (here 3 periods, a slot per hit),
+    and the count the limit is checked against is exact whenever it matters."""
+    clock = Clock()
+    roomy, tight = WindowLimiter("1000000/second", clock), WindowLimiter("2000/second", clock)
+    longest = 0
+    for _ in range(6_000):
+        clock.t += 0.0005
+        assert roomy.admit("steady") is None
+        assert tight.admit("steady") is None  # 2,000 hits in any second: never over
+        longest = max(longest, len(roomy._users["steady"][1]))
+    assert longest <= 2 * 1_000  # at most 1,000 live slots of 1 ms
+    burst = 0  # at one instant, hits until refused: the window then holds the limit
+    while (retry := tight.admit("steady")) is None:
+        burst += 1
+    assert burst <= 2  # full already, or a slot or two left it meanwhile (slot edges)
+    assert isinstance(retry, float) and 0 < retry <= 0.002
+    total, starts, hits, _ = tight._users["steady"]
+    assert total == sum(hits) == 2_000 and starts[0] > clock.t - 1.0
 
 
 def test_parse_rate() -> None:
