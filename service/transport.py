@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import struct
 import time
 from typing import Any
 
@@ -526,13 +527,14 @@ class Flusher:
 
 
 _SHORT_HEADS = [bytes((0x81, n)) for n in range(126)]  # a text frame of n < 126 bytes
+_HEAD16 = struct.Struct(">BBH").pack  # (0x81, 126, n): one call, no concatenation
 
 
 def _frame_header(n: int) -> bytes:
     if n < 126:
         return _SHORT_HEADS[n]
     if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big")
+        return _HEAD16(0x81, 126, n)
     return b"\x81\x7f" + n.to_bytes(8, "big")
 
 
@@ -548,7 +550,8 @@ def flush_one(session: Session, ws: LeanWebsocket) -> int:
         if transport is not None and not ws.close_started and not transport.is_closing():
             parts: list[bytes] = []
             for frame in frames:
-                parts.append(_frame_header(len(frame)))
+                n = len(frame)
+                parts.append(_SHORT_HEADS[n] if n < 126 else _frame_header(n))
                 parts.append(frame)
             transport.writelines(parts)
             written = len(frames)

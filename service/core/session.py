@@ -41,7 +41,7 @@ class Session:
         "held",
         "_closer",
         "_max_messages",
-        "_max_bytes",
+        "max_bytes",
         "__weakref__",
     )
 
@@ -77,7 +77,9 @@ class Session:
         self.held: list[bytes] | None = None
         self._closer = closer
         self._max_messages = max_messages
-        self._max_bytes = max_bytes
+        # the outbox bound in bytes (the edge applies it to its socket buffer too); read
+        # only, a plain attribute: the edge reads it on every write
+        self.max_bytes = max_bytes
 
     @property
     def conn_id(self) -> str:
@@ -86,11 +88,6 @@ class Session:
     @property
     def member(self) -> tuple[str, str]:
         return (self.user_id, self.device_id)
-
-    @property
-    def max_bytes(self) -> int:
-        """The outbox bound in bytes (the edge applies it to its socket buffer too)."""
-        return self._max_bytes
 
     @property
     def expires_at(self) -> int:
@@ -104,7 +101,7 @@ class Session:
             self.held.append(frame)
             return True
         if len(self.outbox) >= self._max_messages or (
-            self.outbox_bytes + len(frame) > self._max_bytes
+            self.outbox_bytes + len(frame) > self.max_bytes
         ):
             self.close(Close.POLICY, "slow consumer")
             return False
