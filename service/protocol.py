@@ -220,18 +220,21 @@ def encode_error(err: ProtocolError) -> bytes:
     return _encode(body)
 
 
+class _DirectOut(msgspec.Struct, omit_defaults=True, rename={"from_": "from"}):
+    """A delivered direct message, field for field (and in order) what ``encode`` makes of
+    its dict: encoding a struct skips building and hashing a dict (~390 -> 240 ns)."""
+
+    type: str
+    from_: str
+    from_device: str
+    payload: msgspec.Raw
+    ts: int
+    id: str | None = None  # omitted when None
+
+
 def encode_direct(msg: DirectFields, from_user: str, from_device: str, ts: int) -> bytes:
     """The frame each recipient device receives (§3); built once per message, not per device."""
-    body: dict[str, Any] = {
-        "type": msg.type,
-        "from": from_user,
-        "from_device": from_device,
-        "payload": msg.payload,
-        "ts": ts,
-    }
-    if msg.id is not None:
-        body["id"] = msg.id
-    return _encode(body)
+    return _encode(_DirectOut(msg.type, from_user, from_device, msg.payload, ts, msg.id))
 
 
 def encode_ack(msg_id: str, devices: int) -> bytes:

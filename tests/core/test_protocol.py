@@ -80,6 +80,16 @@ def test_direct_keeps_payload_bytes_and_optional_fields() -> None:
                    "payload": [1, {"a": None}], "ts": 123, "id": "m"}
 
 
+def test_a_delivered_message_without_id_has_no_id_field_and_keeps_the_field_order() -> None:
+    msg = parse('{"type":"offer","to":"bob","payload":{"sdp":"v=0"}}')
+    assert isinstance(msg, Direct) and msg.id is None
+    assert encode_direct(msg, "alice", "a1", 7) == (
+        b'{"type":"offer","from":"alice","from_device":"a1","payload":{"sdp":"v=0"},"ts":7}')
+    bare = parse('{"type":"bye","to":"bob"}')  # no payload: null, as documented
+    assert isinstance(bare, Direct)
+    assert json.loads(encode_direct(bare, "alice", "a1", 7))["payload"] is None
+
+
 def test_id_of_exactly_64_and_presence_of_100_are_accepted() -> None:
     msg = parse(json.dumps({"type": "presence", "users": [f"u{i}" for i in range(100)],
                             "id": "y" * 64}))
