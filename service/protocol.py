@@ -237,10 +237,15 @@ def encode_direct(msg: DirectFields, from_user: str, from_device: str, ts: int) 
     return _encode(_DirectOut(msg.type, from_user, from_device, msg.payload, ts, msg.id))
 
 
+_ACK_HEAD = b'{"type":"ack","id":'
+_ACK_TAILS = [b',"devices":%d}' % n for n in range(16)]  # the usual device counts
+
+
 def encode_ack(msg_id: str, devices: int) -> bytes:
     """``{"type":"ack","id":..,"devices":..}`` (§3), byte for byte what ``encode`` makes of
-    that dict, without building one per message."""
-    return b'{"type":"ack","id":' + _encode(msg_id) + b',"devices":%d}' % devices
+    that dict, without building one per message (nor formatting the usual counts)."""
+    tail = _ACK_TAILS[devices] if devices < 16 else b',"devices":%d}' % devices
+    return _ACK_HEAD + _encode(msg_id) + tail
 
 
 def with_id(body: dict[str, Any], msg_id: str | None) -> bytes:

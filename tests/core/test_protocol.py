@@ -166,6 +166,6 @@ def test_parse_direct_remembers_identifiers_but_still_checks_new_ones() -> None:
 
 def test_encode_ack_is_the_dict_encoding() -> None:
     for msg_id in ("m1", 'q"uo\\te', "\u00e9\u2028", "x" * 64):
-        for devices in (1, 7, 123456):
+        for devices in (1, 7, 15, 16, 123456):  # from the table, and formatted
             assert encode_ack(msg_id, devices) == encode(
                 {"type": "ack", "id": msg_id, "devices": devices})
