@@ -118,9 +118,11 @@ class PromStats:
     """The core's Stats contract on the objects above."""
 
     def received(self, kind: str) -> None:
-        received = _BATCH.received
+        batch = _BATCH
+        received = batch.received
         received[kind] = received.get(kind, 0) + 1
-        _BATCH.schedule()
+        if not batch.scheduled:  # once per flush period, not a call per message
+            batch.schedule()
 
     def error(self, code: str) -> None:
         ERRORS.labels(code).inc()
