@@ -186,7 +186,10 @@ def parse_direct(frame: str | bytes) -> DirectFields | None:
         msg = _direct.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if not _is_ident(msg.to) or (msg.to_device is not None and not _is_ident(msg.to_device)):
+    to = msg.to
+    if to not in _valid_idents and not _is_ident(to):  # the cache's hit without a call
+        return None
+    if msg.to_device is not None and not _is_ident(msg.to_device):
         return None
     return msg
 

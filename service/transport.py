@@ -541,9 +541,11 @@ def _frame_header(n: int) -> bytes:
 def flush_one(session: Session, ws: LeanWebsocket) -> int:
     """Write what ``session`` has queued; start the close handshake once it is closed.
     Returns the frames written (the caller counts them in ``metrics.count_sent``)."""
-    frames = session.take()
+    frames = session.outbox
     written = 0
     if frames:
+        session.outbox = []  # ``session.take()``, without a call per connection and tick
+        session.outbox_bytes = 0
         transport = ws.transport
         # no data after our close frame, nor on a socket that is closing or gone (a close
         # frame received, a failure: both close the transport)

@@ -111,7 +111,8 @@ class Presence(Protocol):
     def locate_now(self, user: str) -> dict[str, Location] | None:
         """The live devices of one ``user`` (``locate``'s answer for it) right now, when
         this backend holds them in this process (the memory twin); None when it does not
-        (the caller must then use ``locate``)."""
+        (the caller must then use ``locate``).  The answer is read only (it may be the
+        backend's own table) and good for this moment only."""
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         """The connection at ``loc`` dropped without a clean close: keep the device online,

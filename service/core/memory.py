@@ -133,8 +133,16 @@ class MemoryPresence:
         return adopted
 
     def locate_now(self, user: str) -> dict[str, Location]:
+        """Read only: when every device is live this is the cluster's own table (no copy
+        per message); callers must not change it."""
         c = self.cluster
-        return c.live(c.devices.get(user, _NO_DEVICES))
+        table = c.devices.get(user, _NO_DEVICES)
+        alive, now = c.alive_until, c.clock()
+        for loc in table.values():
+            until = alive.get(loc.node)
+            if until is None or until <= now:
+                return c.live(table)  # some device parked, resumable or dead: filtered
+        return table
 
     async def locate(self, users: Sequence[str]) -> dict[str, dict[str, Location]]:
         c = self.cluster
