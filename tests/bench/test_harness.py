@@ -88,6 +88,24 @@ def test_core_bench_counts_every_message_it_measures(backplane: str, tmp_path: P
     assert (run["redis_us_per_msg"] > 0) == (backplane == "redis")
 
 
+def test_inline_bench_keeps_every_frame_on_the_inline_path(tmp_path: Path) -> None:
+    """bench/inline.py: each frame is delivered and acked from the read callback (a
+    delivery and an ack written per message, nothing queued for a read loop)."""
+    from bench import inline
+
+    out = tmp_path / "inline.json"
+    thresholds = gc.get_threshold()
+    assert inline.main(["--conns", "20", "--per-tick", "5", "--seconds", "0.3", "--repeat",
+                        "1", "--warmup", "0.1", "--no-pin", "--json", str(out)]) == 0
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0  # left as found
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["messages"] > 0 and run["ns_per_msg"] > 0
+    assert run["queued"] == 0
+    # {"type":"candidate","from":"uN","from_device":"d","payload":{..},"ts":..,"id":".."}
+    # (~125 bytes with its header) and {"type":"ack","id":"..","devices":1} (~40)
+    assert 140 < run["bytes_out_per_msg"] < 200, run
+
+
 def test_the_python_floor_relays_the_peerjs_wire_without_loss() -> None:
     """``bench/floor.py``, the bare relay the suite can run beside the servers."""
     from bench.servers import start_floor
