@@ -188,9 +188,12 @@ class LeanWebsocket(WebsocketImplProtocol):
             # The common read, first: exactly one whole text frame (FIN, no reserved bits,
             # masked, a 7-bit length within the size limit), handled at once when nothing
             # of this connection is in progress; anything else takes the general path.
+            # A pending waiter also means no close frame came and the socket is open: both
+            # wake the read loop (``_close_received``, ``_fail``, ``connection_lost``), which
+            # then ends and clears ``fast``, so ``ws_proto`` need not be read here.
             length = data[1] - 0x80 if len(data) > 6 and data[0] == 0x81 else -1
             if 0 <= length < 126 and length == len(data) - 6 and length <= self._max_size \
-                    and self._fragments is None and self.ws_proto.close_rcvd is None:
+                    and self._fragments is None:
                 waiter = self._waiter
                 if waiter is not None and not waiter.done():
                     payload = apply_mask(data[6:], data[2:6])

@@ -112,3 +112,15 @@ async def test_a_lone_frame_breaking_the_rules_still_fails_with_the_rfc_code() -
         assert router.seen == [], data
         assert _close_code(transport) == code, (data, transport.out)
         assert waiter.done()
+
+
+async def test_nothing_after_a_close_frame_reaches_the_router() -> None:
+    """The fast path does not read ``ws_proto.close_rcvd``: a close frame wakes the read
+    loop, and a woken loop keeps later frames off the fast path (then the loop ends)."""
+    ws, router, transport, waiter = _reading(handles=True)
+    close = bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + (1000).to_bytes(2, "big")
+    ws.data_received(close)
+    assert waiter.done() and ws.ws_proto.close_rcvd is not None
+    ws.data_received(_frame(b'{"type":"offer"}'))
+    assert router.seen == [] and ws.inbox == []
+    assert _close_code(transport) == 1000  # the close frame echoed
