@@ -544,19 +544,16 @@ def _frame_header(n: int) -> bytes:
 def flush_one(session: Session, ws: LeanWebsocket) -> int:
     """Write what ``session`` has queued; start the close handshake once it is closed.
     Returns the frames written (the caller counts them in ``metrics.count_sent``)."""
-    frames = session.outbox
+    frames = session.take()
     written = 0
     if frames:
-        session.outbox = []  # ``session.take()``, without a call per connection and tick
-        session.outbox_bytes = 0
         transport = ws.transport
         # no data after our close frame, nor on a socket that is closing or gone (a close
         # frame received, a failure: both close the transport)
         if transport is not None and not ws.close_started and not transport.is_closing():
             parts: list[bytes] = []
             for frame in frames:
-                n = len(frame)
-                parts.append(_SHORT_HEADS[n] if n < 126 else _frame_header(n))
+                parts.append(_frame_header(len(frame)))
                 parts.append(frame)
             transport.writelines(parts)
             written = len(frames)
