@@ -29,17 +29,19 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ..core.contracts import Envelope, EnvelopeSink, NullStats, Stats, envelope_of
+from ..core.contracts import Envelope, EnvelopeSink, Location, NullStats, Stats, envelope_of
 from ..core.running import LoopBound
 from . import keys
 from .lane import Batch, Lane
-from .redis_presence import _ALIVE, _s
+from .redis_presence import _ALIVE, _devices, _s
 from .scripts import evalsha, settled
 
 log = logging.getLogger("signaling.backplane")
 
 # (stream or kept-list key, the envelope or None for a kept frame, frame, future)
 _Pending = tuple[str, "Envelope | None", bytes, "asyncio.Future[bool]"]
+# (user, only, skip, frame, ts, sender, future): a ``route`` call
+_Route = tuple[str, str, str, bytes, int, int, "asyncio.Future[int | dict[str, Location]]"]
 _KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "kicked": b"K", "presence": b"p"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 _KIND_S = {k: v.decode() for k, v in _KIND.items()}
@@ -53,6 +55,7 @@ READ_BACKOFF_S = 0.05  # the first wait after a failed inbox read (then doubling
 # kind, user, devices (","-joined), frame, conn, ts
 _Row = tuple[str, str, str, bytes, str, int]
 _encoder = msgspec.msgpack.Encoder()
+_ROW_HEAD = b"\x96"  # a row's msgpack array header: six fields
 _rows = msgspec.msgpack.Decoder(list[_Row])
 
 
@@ -67,6 +70,104 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
+"""
+
+
+# A tick's direct messages, each looked up and queued in one step (``route``).  KEYS: each
+# message's recipient device hash; ARGV: node prefix, this worker, inbox key prefix, MAXLEN,
+# ENTRY_ENVELOPES, ENTRY_BYTES, then five per message: sender, only ("" for all), skip
+# ("" for none), and its batch row (``encode_batch``'s) without the devices: the head
+# (array header, kind, user) and the tail (frame, conn, ts).  Each message's reply is the
+# count of devices queued, or (nothing queued: a device here or parked, or an earlier
+# message of its sender in this call was not queued) its recipient's live devices, as
+# ``_LIVE`` answers.  Envelopes for one inbox share entries within the bounds, as
+# ``_take_sends`` makes them.
+_ROUTE = _ALIVE + """
+local prefix, me, inboxes, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_n, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local function str_header(n)
+  if n < 32 then return string.char(160 + n) end
+  if n < 256 then return string.char(217, n) end
+  return string.char(218, math.floor(n / 256), n % 256)
+end
+local function array_header(n)
+  if n < 16 then return string.char(144 + n) end
+  return string.char(220, math.floor(n / 256), n % 256)
+end
+local open, order, gone = {}, {}, {}
+local function flush(node)
+  local e = open[node]
+  open[node] = nil
+  local r = redis.call('XADD', inboxes .. node, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*',
+                       'b', array_header(e.n) .. table.concat(e.rows))
+  if not r then gone[node] = true end
+end
+local function add(node, row, size)
+  local e = open[node]
+  if e and (e.n >= max_n or e.bytes + size > max_bytes) then
+    flush(node)
+    e = nil
+  end
+  if not e then
+    e = {rows = {}, n = 0, bytes = 0}
+    open[node] = e
+    order[#order + 1] = node
+  end
+  e.n = e.n + 1
+  e.rows[e.n] = row
+  e.bytes = e.bytes + size
+end
+local out, sent, stopped = {}, {}, {}
+for i = 1, #KEYS do
+  local a = 6 + (i - 1) * 5
+  local sender, only, skip = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local row = live(KEYS[i], prefix)
+  local by_node, nodes, fits = {}, {}, not stopped[sender]
+  if fits then
+    for j = 1, #row, 2 do
+      local device = row[j]
+      if (only == '' or device == only) and device ~= skip then
+        local node = string.match(row[j + 1], '^[^|]*')
+        if node == me or node == '~' then
+          fits = false
+          break
+        end
+        local list = by_node[node]
+        if not list then
+          list = {}
+          by_node[node] = list
+          nodes[#nodes + 1] = node
+        end
+        list[#list + 1] = device
+      end
+    end
+  end
+  if fits then
+    local parts = {}
+    for _, node in ipairs(nodes) do
+      local devices = table.concat(by_node[node], ',')
+      local tail = ARGV[a + 5]
+      add(node, ARGV[a + 4] .. str_header(#devices) .. devices .. tail, #tail)
+      parts[#parts + 1] = {node, #by_node[node]}
+    end
+    sent[i] = parts
+    out[i] = 0
+  else
+    stopped[sender] = true
+    out[i] = row
+  end
+end
+for _, node in ipairs(order) do
+  if open[node] then flush(node) end
+end
+for i, parts in pairs(sent) do
+  local n = 0
+  for _, p in ipairs(parts) do
+    if not gone[p[1]] then n = n + p[2] end
+  end
+  out[i] = n
+end
+return out
 """
 
 
@@ -177,6 +278,9 @@ class RedisBackplane(LoopBound):
         self._reader = reader
         self._lane = lane or Lane(redis)  # the writer's batches (shared with the hot path)
         self._lane.add_source(self._take_sends)
+        self._route_script = redis.register_script(_ROUTE)
+        self._routes: list[_Route] = []
+        self._lane.add_source(self._take_routes)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._inbox_lane = Lane(reader)  # the reader's own connection
         self._inbox_lane.add_source(self._take_read)
@@ -240,6 +344,49 @@ class RedisBackplane(LoopBound):
         self._pending.append((key, env, frame, fut))
         self._lane.wake()
         return fut
+
+    def route(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int,
+    ) -> asyncio.Future[int | dict[str, Location]]:
+        """Joins this tick's ``_ROUTE`` call (see the contract)."""
+        fut: asyncio.Future[int | dict[str, Location]] = self.running_loop().create_future()
+        if self._closed or self._node is None:
+            fut.set_exception(ConnectionError("backplane closed"))
+            return fut
+        self._routes.append((user, only or "", skip or "", frame, ts, sender, fut))
+        self._lane.wake()
+        return fut
+
+    def _take_routes(self) -> list[Batch]:
+        """The lane's source: every ``route`` since the last round trip, in one call (one
+        call, not chunks: a sender's messages after one that was not queued must not be
+        queued either, and only one script run can tell)."""
+        if not self._routes:
+            return []
+        batch, self._routes = self._routes, []
+        assert self._node is not None
+        args: list[Any] = [keys.node_alive_prefix(), self._node, keys.inbox(""),
+                           self._maxlen, ENTRY_ENVELOPES, ENTRY_BYTES]
+        for user, only, skip, frame, ts, sender, _ in batch:
+            args += (sender, only, skip, _ROW_HEAD + _encoder.encode(("d", user))[1:],
+                     _encoder.encode((frame, "", ts))[1:])
+        commands = [evalsha(self._route_script, [keys.devices(r[0]) for r in batch], args)]
+        return [(commands, settled(self._lane, commands, [self._route_script],
+                                   functools.partial(self._routed, batch)))]
+
+    def _routed(self, batch: list[_Route], result: list[Any] | BaseException) -> None:
+        reply = result if isinstance(result, BaseException) else result[0]
+        if isinstance(reply, BaseException):
+            self._stats.backplane_error("xadd")
+            exc = ConnectionError(f"backplane write failed: {type(reply).__name__}")
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (*_, fut), res in zip(batch, reply, strict=True):
+            if not fut.done():
+                fut.set_result(res if isinstance(res, int) else _devices(res))
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
         """Frames for ``user``/``device`` that the inbox of a worker that died still held
@@ -443,10 +590,12 @@ class RedisBackplane(LoopBound):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for *_, fut in self._pending:
+        futures: list[asyncio.Future[Any]] = [p[-1] for p in self._pending]
+        futures += [r[-1] for r in self._routes]
+        self._pending, self._routes = [], []
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(ConnectionError("backplane closed"))
-        self._pending = []
         await self._inbox_lane.close()
         if self._node is not None:
             with contextlib.suppress(Exception):

@@ -187,6 +187,23 @@ class Backplane(Protocol):
         False when the device is no longer parked (route it again)."""
         ...
 
+    def route(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int,
+    ) -> Awaitable[int | dict[str, Location]]:
+        """A direct message's lookup and its envelopes in one step (one round trip where
+        ``locate`` and then ``send`` take two): the live devices of ``user`` that get
+        ``frame`` are ``only`` (when given) or all but ``skip``.  When there are none, or
+        every one is on another live worker, ``frame`` is queued to their inboxes and
+        this resolves to how many devices it was queued for (0: none, or their workers
+        are gone).  Otherwise (a device on this worker or parked) nothing is queued and
+        this resolves to ``user``'s live devices, as ``locate`` would: the caller goes on
+        from there.  Once a call of ``sender`` (the caller's connection) resolved to
+        devices, its later calls of the same loop tick do too, so that nothing it sends
+        overtakes what it must still send itself.  Raises when the backplane failed (the
+        outcome is unknown)."""
+        ...
+
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
         """Frames for ``user``/``device`` still in the inbox of dead worker ``node``."""
         ...

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .contracts import PARKED, Claim, Envelope, EnvelopeSink, Location, Member
+from .contracts import PARKED, Claim, Envelope, EnvelopeSink, Location, Member, delivery
 from .ratelimit import WindowLimiter
 
 K = TypeVar("K", str, Member)
@@ -239,6 +239,7 @@ class MemoryBackplane:
     def __init__(self, cluster: MemoryCluster | None = None) -> None:
         self.cluster = cluster or MemoryCluster()
         self.node: str | None = None
+        self._stopped: set[int] = set()  # senders whose routes this tick returned devices
 
     async def start(self, node: str, sink: EnvelopeSink) -> None:
         self.node = node
@@ -258,6 +259,33 @@ class MemoryBackplane:
             return False  # resumed (or gone) meanwhile: the caller routes it again
         c.kept.setdefault((user, device), deque(maxlen=c.resume_max_messages)).append(frame)
         return True
+
+    def route(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int,
+    ) -> asyncio.Future[int | dict[str, Location]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int | dict[str, Location]] = loop.create_future()
+        c = self.cluster
+        found = c.live(c.devices.get(user, {}))
+        by_node: dict[str, list[str]] = {}
+        for device, loc in found.items():
+            if (only is None or device == only) and device != skip:
+                by_node.setdefault(loc.node, []).append(device)
+        if sender in self._stopped or self.node in by_node or PARKED in by_node:
+            if not self._stopped:  # forgotten at the next loop pass (the tick is over)
+                loop.call_soon(self._stopped.clear)
+            self._stopped.add(sender)
+            fut.set_result(found)
+            return fut
+        queued = 0
+        for node, devices in by_node.items():
+            sink = c.sinks.get(node)
+            if sink is not None and c.alive(node):
+                loop.call_soon(sink, delivery(user, tuple(devices), frame, ts))
+                queued += len(devices)
+        fut.set_result(queued)
+        return fut
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
         return []  # an in-process inbox dies with its process

@@ -141,13 +141,33 @@ class Router:
         frames' order too.  A connection's k queued messages then take two round trips
         instead of 2k (one at a time, a backlog could outgrow what one connection drains)."""
         msgs = [parse_direct(data) if is_text else None for is_text, data in frames]
-        lookups: list[Awaitable[Located] | None] = [
-            self.hub.presence.locate([m.to]) if m is not None else None for m in msgs
-        ]
+        lookups: list[Awaitable[Located | int | dict[str, Location]] | None] = []
+        routed: list[tuple[bytes, int] | None] = []
+        # Admitted direct messages are looked up and queued in one step, up to the first
+        # frame that is not one: what comes after such a frame must not overtake it.  (A
+        # connection that closes during the batch has its routed messages sent: they came
+        # before the close.)
+        routing = not session.closed
+        for msg, admission in zip(msgs, admissions, strict=True):
+            if msg is None:
+                routing = False
+                lookups.append(None)
+                routed.append(None)
+            elif routing and admission is None:
+                frame, ts, step = self._routing(session, msg)
+                lookups.append(step)
+                routed.append((frame, ts))
+            else:
+                # not admitted yet (or refused): its envelopes can only go after the
+                # lookup; a later message's must not overtake them
+                routing = False
+                lookups.append(self.hub.presence.locate([msg.to]))
+                routed.append(None)
         inflight: list[_InFlight] = []
         done = 0
         try:
-            for (is_text, data), msg, admission in zip(frames, msgs, admissions, strict=True):
+            for (is_text, data), msg, admission, prepared in zip(
+                    frames, msgs, admissions, routed, strict=True):
                 if session.closed:
                     break
                 lookup, lookups[done] = lookups[done], None
@@ -159,7 +179,7 @@ class Router:
                     else:
                         await self.handle_binary(session, admission, counted=True)
                     continue
-                await self._pipelined(session, msg, admission, lookup, inflight)
+                await self._pipelined(session, msg, admission, lookup, prepared, inflight)
             await self._settle(session, inflight)
         finally:
             for pending in lookups:
@@ -174,11 +194,14 @@ class Router:
 
     async def _pipelined(
         self, session: Session, msg: DirectFields, admission: Admission,
-        lookup: Awaitable[Located], inflight: list[_InFlight],
+        lookup: Awaitable[Located | int | dict[str, Location]],
+        prepared: tuple[bytes, int] | None, inflight: list[_InFlight],
     ) -> None:
         """One direct message of ``handle_batch``: its envelopes queued and its ack left in
         ``inflight`` when it goes to other workers only; otherwise handled as ``_direct``
-        does once the replies in flight are out."""
+        does once the replies in flight are out.  ``lookup`` is the message's
+        ``backplane.route`` when ``prepared`` holds its frame and time, else its
+        ``locate``."""
         self.stats.received(msg.type)
         retry = await self._retry_of(admission)
         if retry is not None:
@@ -188,7 +211,17 @@ class Router:
             return
         session.strikes = 0
         try:
-            delivered, remote, parked, frame, ts = self._first_step(session, msg, await lookup)
+            got = await lookup
+            frame, ts = prepared or (b"", 0)
+            if type(got) is int:  # queued already: its ack after those in flight
+                if inflight:
+                    inflight.append((msg, got, [], []))
+                else:
+                    self._acknowledge(session, msg, got)
+                return
+            found = cast(Located, {msg.to: got} if prepared else got)
+            delivered, remote, parked, frame, ts = self._first_step(
+                session, msg, found, frame, ts)
             if remote and not parked:
                 # queued now, in frame order (a coroutine send becomes a task: it must not
                 # wait for ``_settle``); a future (Redis) is taken as it is
@@ -373,24 +406,48 @@ class Router:
         sending device; ack with the number of devices, or ``peer_offline``.  ``early``:
         the lookup of ``to``, when the caller started it already."""
         assert msg.type in DIRECT_TYPES
-        found = await (early if early is not None else self.hub.presence.locate([msg.to]))
+        if early is None:  # admitted already: lookup and envelopes in one step
+            frame, ts, routing = self._routing(session, msg)
+            got = await routing
+            if type(got) is int:  # queued for every device (or none to queue for)
+                self._acknowledge(session, msg, got)
+                return
+            found: Located = {msg.to: cast(dict[str, Location], got)}
+        else:
+            frame, ts = b"", 0
+            found = await early
         # local devices now; an await only when a device is on another worker or parked
-        delivered, remote, parked, frame, ts = self._first_step(session, msg, found)
+        delivered, remote, parked, frame, ts = self._first_step(session, msg, found, frame, ts)
         if remote or parked:
             delivered = await self._send_on(msg.to, remote, parked, frame, ts, delivered)
         self._acknowledge(session, msg, delivered)
 
-    def _first_step(
-        self, session: Session, msg: DirectFields, found: Located
-    ) -> tuple[int, dict[str, list[str]], list[str], bytes, int]:
-        """What a direct message does at once: its frame (with its acceptance time) handed
-        to the recipient's devices on this worker.  Returns how many took it, the other
-        devices by worker, the parked ones, the frame and the time (for ``_send_on``)."""
-        targets = self._targets(session, msg, found.get(msg.to, {}))
+    def _routing(
+        self, session: Session, msg: DirectFields
+    ) -> tuple[bytes, int, Awaitable[int | dict[str, Location]]]:
+        """The message's frame, its acceptance time, and ``backplane.route`` of it (the
+        caller must await that, or ``_abandon`` it)."""
         ts = self._clock_ms()
+        frame = encode_direct(msg, session.user_id, session.device_id, ts)
+        skip = session.device_id if msg.to == session.user_id else None
+        return frame, ts, self.hub.backplane.route(
+            msg.to, msg.to_device, skip, frame, ts, id(session))
+
+    def _first_step(
+        self, session: Session, msg: DirectFields, found: Located, frame: bytes = b"",
+        ts: int = 0,
+    ) -> tuple[int, dict[str, list[str]], list[str], bytes, int]:
+        """What a direct message does at once: its frame (with its acceptance time; made
+        here unless given) handed to the recipient's devices on this worker.  Returns how
+        many took it, the other devices by worker, the parked ones, the frame and the time
+        (for ``_send_on``)."""
+        targets = self._targets(session, msg, found.get(msg.to, {}))
+        if not ts:
+            ts = self._clock_ms()
         if not targets:
             return 0, {}, [], b"", ts
-        frame = encode_direct(msg, session.user_id, session.device_id, ts)
+        if not frame:
+            frame = encode_direct(msg, session.user_id, session.device_id, ts)
         return (*self._deliver_local(msg.to, targets, frame), frame, ts)
 
     @staticmethod

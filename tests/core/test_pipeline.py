@@ -42,11 +42,60 @@ async def test_a_mixed_batch_keeps_deliveries_and_replies_in_order(make_node):
     ]
 
 
-async def test_a_batch_queues_every_envelope_before_the_first_ack(make_node):
-    """Three messages to another worker: all three envelopes are queued at once (one
-    round trip on Redis), then the acks follow in order as the writes are confirmed."""
+async def test_a_batch_routes_every_message_before_the_first_ack(make_node):
+    """Three messages to another worker: all three are looked up and queued in one step
+    each, all at once (one round trip on Redis), then the acks follow in order."""
     a, b = await make_node("A"), await make_node("B")
     alice = await a.connect("alice", "a1")
+    bob = await b.connect("bob", "b1")
+    real_route = a.hub.backplane.route
+    gates: list[tuple[asyncio.Future[Any], tuple[Any, ...]]] = []
+
+    def gated(*args: Any) -> asyncio.Future[Any]:
+        gate: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        gates.append((gate, args))
+        return gate
+
+    a.hub.backplane.route = gated  # type: ignore[method-assign]
+    frames_in = batch(*({"type": "candidate", "to": "bob", "payload": i, "id": f"m{i}"}
+                        for i in range(3)))
+    task = asyncio.ensure_future(a.router.handle_batch(alice, frames_in, [None] * 3))
+    await settle()
+    assert len(gates) == 3 and frames(alice) == [] and not task.done()
+    assert [json.loads(args[3])["payload"] for _, args in gates] == [0, 1, 2]
+    for gate, args in reversed(gates):  # answered out of order: acks still in order
+        gate.set_result(await real_route(*args))
+    await task
+    await settle()
+    assert [f["id"] for f in frames(alice)] == ["m2", "m1", "m0"][::-1]
+    assert sorted(f["payload"] for f in frames(bob)) == [0, 1, 2]
+
+
+async def test_after_a_message_not_routed_the_senders_next_ones_are_not_either(make_node):
+    """carol has a device here and one on B: the first message is not routed (its local
+    delivery and its envelope follow the lookup).  The second, for her device on B only,
+    would be routed at once and overtake the first there: it waits its turn."""
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    await a.connect("carol", "c1")
+    carol_there = await b.connect("carol", "c2")
+    frames_in = batch(
+        {"type": "candidate", "to": "carol", "payload": 1, "id": "m1"},
+        {"type": "candidate", "to": "carol", "to_device": "c2", "payload": 2, "id": "m2"},
+    )
+    await a.router.handle_batch(alice, frames_in, [None] * 2)
+    await settle()
+    assert [f["payload"] for f in frames(carol_there)] == [1, 2]
+    assert [(f["id"], f["devices"]) for f in frames(alice)] == [("m1", 2), ("m2", 1)]
+
+
+async def test_a_batch_queues_every_envelope_before_the_first_ack(make_node):
+    """Three messages for a user with a device here and one on another worker (not
+    routed in one step): all three envelopes are queued at once (one round trip on Redis),
+    then the acks follow in order as the writes are confirmed."""
+    a, b = await make_node("A"), await make_node("B")
+    alice = await a.connect("alice", "a1")
+    bob_here = await a.connect("bob", "b0")
     bob = await b.connect("bob", "b1")
     real_send = a.hub.backplane.send
     gates: list[tuple[asyncio.Future[bool], Any]] = []
@@ -70,6 +119,7 @@ async def test_a_batch_queues_every_envelope_before_the_first_ack(make_node):
     await settle()
     assert [f["id"] for f in frames(alice)] == ["m0", "m1", "m2"]
     assert [f["payload"] for f in frames(bob)] == [0, 1, 2]
+    assert [f["payload"] for f in frames(bob_here)] == [0, 1, 2]
 
 
 async def test_a_refusal_in_a_batch_is_answered_in_its_place(make_node):
@@ -92,16 +142,18 @@ async def test_a_failed_envelope_is_answered_in_its_place(make_node):
     alice = await a.connect("alice", "a1")
     await b.connect("bob", "b1")
     calls = 0
-    real_send = a.hub.backplane.send
+    real_route = a.hub.backplane.route
 
-    async def flaky(node: str, envelope: Any) -> bool:
+    def flaky(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 2:
-            raise ConnectionError("backplane down")
-        return await real_send(node, envelope)
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(ConnectionError("backplane down"))
+            return failed
+        return real_route(*args)
 
-    a.hub.backplane.send = flaky  # type: ignore[method-assign]
+    a.hub.backplane.route = flaky  # type: ignore[method-assign]
     frames_in = batch(*({"type": "candidate", "to": "bob", "payload": i, "id": f"m{i}"}
                         for i in range(3)))
     await a.router.handle_batch(alice, frames_in, [None] * 3)

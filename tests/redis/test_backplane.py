@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from service.backends.redis_backplane import (
     encode_envelope,
 )
 from service.backends.redis_client import make_client
-from service.core.contracts import Envelope
+from service.core.contracts import PARKED, Envelope, Location
 
 
 class Inbox:
@@ -205,3 +206,112 @@ async def test_salvage_returns_only_what_the_dead_worker_never_acknowledged(
     await redis.xack(dead, keys.GROUP, first_id)  # f0 delivered; f1 read, unacknowledged
     assert await bp.salvage("dead", "u", "d") == [b"f1", b"f2", b"f3", b"f4"]
     assert await bp.salvage("nobody", "u", "d") == []
+
+
+# ---------------------------------------------------------------- route: lookup + XADD
+
+
+async def _devices_at(redis: Any, user: str, **where: str) -> None:
+    """``user``'s devices as the presence stores them (device -> "node|conn"), each node
+    alive (a parked device: node "~" with its deadline, alive for a minute)."""
+    for device, value in where.items():
+        await redis.hset(keys.devices(user), device, value)
+        node = value.partition("|")[0]
+        if node != "~":
+            await redis.set(keys.node_alive(node), "1", ex=60)
+
+
+def _parked(conn: str) -> str:
+    return f"~|{conn}|{int(time.time() * 1000) + 60_000}"
+
+
+async def test_route_queues_to_every_remote_worker_in_one_step(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    _, inbox_c = await make_bp("C")
+    await _devices_at(redis, "bob", d1="B|c1", d2="B|c2", d3="C|c3")
+    assert await a.route("nobody", None, None, b"", 1, 1) == 0  # loads the script
+    before = a._lane.round_trips
+    frames = [b'{"n":%d}' % i for i in range(3)]
+    results = await asyncio.gather(
+        *(a.route("bob", None, None, f, 100 + i, 1) for i, f in enumerate(frames)))
+    assert results == [3, 3, 3]
+    assert a._lane.round_trips - before == 1
+    got_b, got_c = await inbox_b.wait_for(3), await inbox_c.wait_for(3)
+    assert got_b == [Envelope("deliver", "bob", ("d1", "d2"), f, ts=100 + i)
+                     for i, f in enumerate(frames)]
+    assert got_c == [Envelope("deliver", "bob", ("d3",), f, ts=100 + i)
+                     for i, f in enumerate(frames)]
+    # ``only`` picks one device, ``skip`` leaves one out
+    assert await a.route("bob", "d3", None, b"x", 1, 1) == 1
+    assert await a.route("bob", None, "d1", b"y", 1, 1) == 2
+    assert (await inbox_c.wait_for(5))[3:] == [Envelope("deliver", "bob", ("d3",), b"x", ts=1),
+                                                Envelope("deliver", "bob", ("d3",), b"y", ts=1)]
+    assert (await inbox_b.wait_for(4))[3:] == [Envelope("deliver", "bob", ("d2",), b"y", ts=1)]
+
+
+async def test_route_entries_are_cut_within_bounds_like_sends(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    inbox = await _silent_inbox(redis, "Q")
+    await _devices_at(redis, "u", d="Q|c")
+    small = [b"%d" % i for i in range(ENTRY_ENVELOPES * 2 + 1)]
+    big = [bytes(ENTRY_BYTES // 2 + 1) for _ in range(3)]
+    long_name = "x" * 40  # a devices field past the short string form
+    await redis.hset(keys.devices("v"), long_name, "Q|c")
+    results = await asyncio.gather(*(a.route("u", None, None, f, 7, 1) for f in small + big),
+                                   a.route("v", None, None, b"v", 8, 1))
+    assert results == [1] * (len(small) + len(big) + 1)
+    entries = await redis.xrange(inbox)
+    assert [len(decode_entry(f)) for _, f in entries] == [ENTRY_ENVELOPES, ENTRY_ENVELOPES, 2,
+                                                          1, 2]
+    assert [e for _, f in entries for e in decode_entry(f)] == [
+        Envelope("deliver", "u", ("d",), f, ts=7) for f in small + big
+    ] + [Envelope("deliver", "v", (long_name,), b"v", ts=8)]
+
+
+async def test_route_leaves_a_device_here_or_parked_to_the_caller(
+    make_bp: Any, redis: Any
+) -> None:
+    """Nothing is queued when a device is on this worker or parked: the answer is the
+    lookup's.  A later call of the same sender in that tick is not queued either; another
+    sender's is."""
+    a, _ = await make_bp("A")
+    inbox = await _silent_inbox(redis, "Q")
+    await _devices_at(redis, "carol", c1="A|x", c2="Q|y")
+    await _devices_at(redis, "dave", d1=_parked("z"), d2="Q|w")
+    await _devices_at(redis, "erin", e1="Q|v")
+    carol, dave, erin_1, erin_2 = await asyncio.gather(
+        a.route("carol", None, None, b"1", 1, 1),
+        a.route("dave", None, None, b"2", 1, 2),
+        a.route("erin", None, None, b"3", 1, 1),  # after sender 1's first: not queued
+        a.route("erin", None, None, b"4", 1, 3),
+    )
+    assert carol == {"c1": Location("A", "x"), "c2": Location("Q", "y")}
+    assert dave == {"d1": Location(PARKED, "z"), "d2": Location("Q", "w")}
+    assert erin_1 == {"e1": Location("Q", "v")} and erin_2 == 1
+    entries = await redis.xrange(inbox)
+    assert [e.frame for _, f in entries for e in decode_entry(f)] == [b"4"]
+    # the device here is not a target: the rest is queued
+    assert await a.route("carol", "c2", None, b"5", 1, 1) == 1
+    assert await a.route("carol", None, "c1", b"6", 1, 1) == 1
+
+
+async def test_route_counts_no_device_for_a_gone_worker_or_nobody(
+    make_bp: Any, redis: Any
+) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    await _devices_at(redis, "bob", d1="ghost|c1", d2="B|c2")  # ghost: alive, no inbox
+    assert await a.route("bob", None, None, b"x", 1, 1) == 1
+    assert await a.route("bob", "d1", None, b"y", 1, 1) == 0
+    assert await a.route("nobody", None, None, b"z", 1, 1) == 0
+    assert await a.route("bob", "d9", None, b"z", 1, 1) == 0
+    assert [e.frame for e in await inbox_b.wait_for(1)] == [b"x"]
+    assert not await redis.exists(keys.inbox("ghost"))
+
+
+async def test_route_after_close_fails(make_bp: Any) -> None:
+    a, _ = await make_bp("A")
+    await a.close()
+    with pytest.raises(ConnectionError):
+        await a.route("bob", None, None, b"x", 1, 1)

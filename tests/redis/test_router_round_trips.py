@@ -73,3 +73,42 @@ async def test_a_lone_message_looks_up_its_recipient_with_the_limiter(redis_url:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_admitted_message_is_looked_up_and_queued_in_one_round_trip(
+    redis_url: str,
+) -> None:
+    """Admitted already (a lease, or a batch's answer): one round trip for the lookup and
+    the stream write together; a recipient with a device on the sender's worker takes the
+    lookup's round trip and then the write's."""
+    a, b = _runtime(redis_url), _runtime(redis_url)
+    try:
+        await a.start()
+        await b.start()
+        alice = _session(a, "alice", "phone")
+        bob = _session(b, "bob", "laptop")
+        carol_here, carol_there = _session(a, "carol", "c1"), _session(b, "carol", "c2")
+        for rt, s in ((a, alice), (b, bob), (a, carol_here), (b, carol_there)):
+            await rt.hub.connect(s)
+        lane = a.limiter._lane  # type: ignore[attr-defined]
+
+        async def admitted(msg: dict[str, Any]) -> int:
+            before = lane.round_trips
+            await a.router.handle(alice, json.dumps(msg), None, counted=True)
+            return int(lane.round_trips - before)
+
+        await admitted({"type": "offer", "to": "nobody", "payload": {}})  # loads the script
+        assert await admitted({"type": "offer", "to": "bob", "payload": 1, "id": "1"}) == 1
+        assert _frames(alice)[-1] == {"type": "ack", "id": "1", "devices": 1}
+        assert await admitted({"type": "offer", "to": "carol", "payload": 2, "id": "2"}) == 2
+        assert _frames(alice)[-1] == {"type": "ack", "id": "2", "devices": 2}
+        assert [f["payload"] for f in _frames(carol_here)] == [2]
+        for _ in range(200):
+            if _frames(bob) and _frames(carol_there):
+                break
+            await asyncio.sleep(0.01)
+        assert [f["payload"] for f in _frames(bob) if f["type"] == "offer"] == [1]
+        assert [f["payload"] for f in _frames(carol_there) if f["type"] == "offer"] == [2]
+    finally:
+        await a.close()
+        await b.close()
