@@ -151,8 +151,8 @@ class LeanWebsocket(WebsocketImplProtocol):
         self.closing: asyncio.Future[None] | None = None
         self.ping_sent_at = 0.0  # monotonic time of an unanswered ping, or 0
         self.ping_due = time.monotonic()  # when the Pinger last considered this socket
-        # (router, session) while the read loop runs: frames are then handled (or, on
-        # Redis, started) in ``data_received`` when they can be (``Router.handle_now``)
+        # (router, session) while the read loop runs on an inline-capable router: frames
+        # are then handled in ``data_received`` when they can be
         self.fast: tuple[Router, Session] | None = None
 
     async def connection_made(self, io_proto: Any, loop: Any = None) -> None:
@@ -691,15 +691,13 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
     router = rt.router
     admit = rt.limiter.admit
     user = session.user_id
-    ws.fast = (router, session)
+    if router.inline:
+        ws.fast = (router, session)
     try:
         while not session.closed:
             batch = await ws.next_messages()
             if not batch:
                 return  # closed by the peer, by us, or by the network
-            while session.pending is not None:
-                # a frame started in the read callback goes first: per-connection order
-                await asyncio.wait((session.pending,))
             if session.closed:
                 return  # what came with the close is not handled (nor counted)
             if len(batch) > 1:

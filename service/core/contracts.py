@@ -4,7 +4,6 @@ of them is safe to call twice."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -191,7 +190,7 @@ class Backplane(Protocol):
     def route(
         self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
         sender: int,
-    ) -> asyncio.Future[int | dict[str, Location]]:
+    ) -> Awaitable[int | dict[str, Location]]:
         """A direct message's lookup and its envelopes in one step (one round trip where
         ``locate`` and then ``send`` take two): the live devices of ``user`` that get
         ``frame`` are ``only`` (when given) or all but ``skip``.  When there are none, or
@@ -230,11 +229,6 @@ class RateLimiter(Protocol):
     def admit(self, user: str) -> Admission:
         """Count one message; None when allowed, else seconds until one would be — or a
         future of that (settled within the loop tick's batch)."""
-
-    def leased(self, user: str) -> bool:
-        """Count one message against a slot this worker already holds for ``user`` (a
-        lease): True when it did (the message is admitted), False when none is at hand
-        (nothing counted: the caller asks ``admit``)."""
 
     async def hit(self, user: str) -> float | None:
         """``admit``, awaited."""

@@ -9,7 +9,6 @@ connection (1008 slow consumer).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,6 @@ class Session:
         "watching",
         "expiry_notified",
         "held",
-        "pending",
         "_closer",
         "_max_messages",
         "max_bytes",
@@ -77,9 +75,6 @@ class Session:
         self.expiry_notified = False
         # while connecting, live traffic waits here so that welcome and kept messages go first
         self.held: list[bytes] | None = None
-        # a direct message started from the read callback (``Router.handle_now``) and not
-        # finished: the edge must wait for it before it hands over the next frame
-        self.pending: asyncio.Future[Any] | None = None
         self._closer = closer
         self._max_messages = max_messages
         # the outbox bound in bytes (the edge applies it to its socket buffer too); read

@@ -283,23 +283,6 @@ class _BatchingLimiter:
         fut.set_result(self.inner.admit(user))
         return fut
 
-    def leased(self, user: str) -> bool:
-        return False
-
-
-class _LeasingLimiter(_BatchingLimiter):
-    """Batches like the Redis limiter, and holds ``leases`` slots taken ahead."""
-
-    def __init__(self, inner: Any, leases: int) -> None:
-        super().__init__(inner)
-        self.leases = leases
-
-    def leased(self, user: str) -> bool:
-        if self.leases <= 0:
-            return False
-        self.leases -= 1
-        return True
-
 
 async def test_handle_now_does_nothing_when_it_cannot_finish_at_once(make_node):
     a, b = await make_node("A", rate="3/minute"), await make_node("B")
@@ -363,59 +346,3 @@ async def test_sustained_abuse_inline_closes_with_1008(make_node):
     assert s.closed and s.close_code == 1008
     assert s.closes == [(1008, "sustained abuse")]
     assert a.router.handle_now(s, b'{"type":"offer","to":"victim","payload":1}') is False
-
-
-async def test_a_leased_message_is_routed_from_the_read_callback(make_node):
-    """With a limiter that batches, ``handle_now`` starts a message that a lease admits
-    (``session.pending`` holds it); the connection's next frame waits until it is done;
-    without a lease nothing is counted or sent."""
-    a, b = await make_node("A"), await make_node("B")
-    limiter = _LeasingLimiter(a.router.limiter, leases=2)
-    a.router = type(a.router)(a.hub, limiter)
-    alice = await a.connect("alice", "a1")
-    bob = await b.connect("bob", "b1")
-    carol_here, carol_there = await a.connect("carol", "c1"), await b.connect("carol", "c2")
-    offer = b'{"type":"offer","to":"bob","payload":1,"id":"m1"}'
-    assert a.router.handle_now(alice, offer) is True
-    assert alice.pending is not None
-    assert a.router.handle_now(alice, b'{"type":"offer","to":"bob","payload":2}') is False
-    assert limiter.leases == 1  # the refused frame took nothing
-    await settle()
-    assert alice.pending is None
-    assert [f["payload"] for f in frames(bob)] == [1]
-    assert frames(alice) == [{"type": "ack", "id": "m1", "devices": 1}]
-    # a device here: the rest of the delivery runs in a task that ``pending`` holds
-    both = b'{"type":"offer","to":"carol","payload":3,"id":"m3"}'
-    assert a.router.handle_now(alice, both) is True
-    await asyncio.sleep(0)
-    assert isinstance(alice.pending, asyncio.Task)
-    await settle()
-    assert alice.pending is None
-    assert [f["payload"] for f in frames(carol_here)] == [3]
-    assert [f["payload"] for f in frames(carol_there)] == [3]
-    assert frames(alice) == [{"type": "ack", "id": "m3", "devices": 2}]
-    # no lease left: refused, nothing counted, nothing sent
-    assert a.router.handle_now(alice, offer) is False
-    await settle()
-    assert frames(bob) == [] and frames(alice) == []
-
-
-async def test_a_message_routed_from_the_read_callback_answers_errors(make_node):
-    a = await make_node("A")
-    a.router = type(a.router)(a.hub, _LeasingLimiter(a.router.limiter, leases=2))
-    alice = await a.connect("alice", "a1")
-    assert a.router.handle_now(
-        alice, b'{"type":"offer","to":"nobody","payload":1,"id":"x"}') is True
-    await settle()
-    assert [(f["id"], f["code"]) for f in frames(alice)] == [("x", "peer_offline")]
-
-    def broken(*args: Any) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        fut.set_exception(ConnectionError("backplane down"))
-        return fut
-
-    a.hub.backplane.route = broken  # type: ignore[method-assign]
-    assert a.router.handle_now(alice, b'{"type":"offer","to":"bob","payload":1,"id":"y"}')
-    await settle()
-    assert alice.pending is None
-    assert [(f["id"], f["code"]) for f in frames(alice)] == [("y", "internal")]
