@@ -134,9 +134,10 @@ class Router:
     ) -> None:
         """Frames the edge read together (``(is_text, data)``, in order), each with its
         ``limiter.admit`` answer.  Direct messages in a row are pipelined: their lookups go
-        out together, each one's envelopes are queued as soon as its lookup is in (in frame
-        order: deliveries to any device keep their order), and their acks follow, in order,
-        once the envelopes are written.  Any other frame, a refusal, a failure and a
+        out together (for those admitted already, with their envelopes:
+        ``backplane.route``), each one's envelopes are queued as soon as its lookup is in (in
+        frame order: deliveries to any device keep their order), and their acks follow, in
+        order, once the envelopes are written.  Any other frame, a refusal, a failure and a
         message for a parked device first wait for the replies in flight: replies keep the
         frames' order too.  A connection's k queued messages then take two round trips
         instead of 2k (one at a time, a backlog could outgrow what one connection drains)."""
