@@ -369,7 +369,9 @@ class RedisBackplane(LoopBound):
         args: list[Any] = [keys.node_alive_prefix(), self._node, keys.inbox(""),
                            self._maxlen, ENTRY_ENVELOPES, ENTRY_BYTES]
         for user, only, skip, frame, ts, sender, _ in batch:
-            args += (sender, only, skip, _ROW_HEAD + _encoder.encode(("d", user))[1:],
+            # ``encode_batch``'s row, cut around its devices field (the script fills it in)
+            args += (sender, only, skip,
+                     _ROW_HEAD + _encoder.encode((_KIND_S["deliver"], user))[1:],
                      _encoder.encode((frame, "", ts))[1:])
         commands = [evalsha(self._route_script, [keys.devices(r[0]) for r in batch], args)]
         return [(commands, settled(self._lane, commands, [self._route_script],
