@@ -146,6 +146,11 @@ def server_env(redis_url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+# Every server started by this test process, for the log tails a failed test prints
+# (tests/e2e/conftest.py): an end-to-end failure is otherwise hard to read after the fact.
+STARTED: list[ServerProcess] = []
+
+
 def start_server(
     env: dict[str, str],
     *,
@@ -172,6 +177,7 @@ def start_server(
             cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     server = ServerProcess(port, proc, log_path, env)
+    STARTED.append(server)
     deadline = time.monotonic() + timeout
     path = "/ready" if wait_ready else "/health"
     while time.monotonic() < deadline:
