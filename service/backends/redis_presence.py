@@ -15,10 +15,11 @@ exactly one worker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.contracts import Claim, Located, Location, Member
@@ -291,6 +292,10 @@ class RedisPresence(LoopBound):
         self._lookup_lane.add_source(self._take_lookups)
         self._beat_lane = Lane(redis)  # the heartbeat's re-assertion (large batches)
         self._reassert_next = True  # the first beat re-asserts
+        # releases and leaves made while a re-assertion is on its way (None: none is), and
+        # those whose repetition failed: see ``_repeat_late``
+        self._late: list[ScriptCall] | None = None
+        self._late_failed: list[ScriptCall] = []
         self._prefix = keys.node_alive_prefix()
         self._locating: list[tuple[Sequence[str], _Located]] = []
 
@@ -315,10 +320,18 @@ class RedisPresence(LoopBound):
         return Claim(bool(ok), previous, bool(resumed))
 
     async def release(self, user: str, device: str, loc: Location) -> bool:
-        return bool(await self._release(
-            keys=[keys.devices(user), keys.device_rooms(user, device), keys.kept(user, device)],
-            args=[device, loc.encode()],
+        return bool(await self._undo(
+            self._release,
+            [keys.devices(user), keys.device_rooms(user, device), keys.kept(user, device)],
+            [device, loc.encode()],
         ))
+
+    def _undo(self, script: AsyncScript, keys_: list[str], args: list[Any]) -> Awaitable[Any]:
+        """Run a release or a leave, noted for repetition when a re-assertion is on its way
+        (``_repeat_late``).  Noted at the call, before it can reach Redis."""
+        if self._late is not None:
+            self._late.append((script, keys_, args))
+        return script(keys=keys_, args=args)
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
         return bool(
@@ -416,12 +429,11 @@ class RedisPresence(LoopBound):
         return {_member(f): v for f, v in _pairs(others)}
 
     async def leave(self, room: str, member: Member, loc: Location) -> bool:
-        return bool(
-            await self._leave(
-                keys=[keys.room(room), keys.device_rooms(*member)],
-                args=[_member_field(member), loc.encode(), loc.conn, room],
-            )
-        )
+        return bool(await self._undo(
+            self._leave,
+            [keys.room(room), keys.device_rooms(*member)],
+            [_member_field(member), loc.encode(), loc.conn, room],
+        ))
 
     async def members(self, room: str) -> dict[Member, Location]:
         [row] = await self._live(keys=[keys.room(room)], args=[self._prefix])
@@ -477,6 +489,21 @@ class RedisPresence(LoopBound):
         if was_alive and not self._reassert_next and self._beats % REASSERT_EVERY:
             return
         self._reassert_next = True  # until this re-assertion has succeeded
+        # noted from here on: the hub's sessions are read below, all at once
+        self._late = []
+        try:
+            await self._reassert(node, devices, rooms, watched)
+            self._reassert_next = False
+        finally:
+            await self._repeat_late()
+
+    async def _reassert(
+        self,
+        node: str,
+        devices: Iterable[tuple[str, str, Location]],
+        rooms: Iterable[tuple[str, Member, Location]],
+        watched: Iterable[str],
+    ) -> None:
         hashes: list[tuple[str, str, str]] = [
             (keys.devices(user), device, loc.encode()) for user, device, loc in devices
         ]
@@ -500,7 +527,25 @@ class RedisPresence(LoopBound):
         for res in await run_scripts(self._beat_lane, calls):
             if isinstance(res, Exception):
                 raise res
-        self._reassert_next = False
+
+    async def _repeat_late(self) -> None:
+        """Run again every release and leave made while the re-assertion was on its way.
+        It read the sessions before they ended, and its HSETNX/SADD may have landed after
+        their release: the entry would be back for good (a phantom device on a live
+        worker).  Repeating is harmless otherwise: both scripts touch only an entry that
+        still holds the ended connection's value.  Repetitions that fail are tried again
+        with the next re-assertion."""
+        late, self._late = (self._late or []), None
+        late, self._late_failed = self._late_failed + late, []
+        if not late:
+            return
+        try:
+            results = await run_scripts(self._beat_lane, late)
+        except Exception:
+            self._late_failed = late
+            raise
+        self._late_failed = [c for c, r in zip(late, results, strict=True)
+                             if isinstance(r, Exception)]
 
     async def sweep(
         self, users: Sequence[str], rooms: Sequence[str]

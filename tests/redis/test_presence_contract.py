@@ -296,3 +296,34 @@ def test_decoded_locations_are_shared_and_their_cache_is_bounded(
     assert dict(rp._pairs([b"d1", b"~|A.1|123", b"d2", b"B|B.1"])) == {
         "d1": Location(PARKED, "A.1"), "d2": Location("B", "B.1"),
     }
+
+
+async def test_a_release_while_a_reassertion_is_on_its_way_stays_released(
+    redis_url: str,
+) -> None:
+    """A device released, and a room left, while a re-assertion that still listed them is
+    on its way to Redis stay gone.  Without care the re-assertion's HSETNX, landing after
+    the release, brings them back for good: a phantom device on a live worker, online until
+    its key expires, and no ``presence_changed`` ever said otherwise."""
+    redis = make_client(redis_url, timeout=2.0)
+    p = RedisPresence(redis, ttl=15)
+    loc, member = Location("A", "A.late"), ("late", "d")
+    await p.claim("late", "d", loc, 10)
+    assert await p.join("late-room", member, loc, 10) == {}
+    ended: list[asyncio.Future[bool]] = []
+
+    def sessions() -> Any:  # the worker's sessions, read as the re-assertion is built
+        yield ("late", "d", loc)
+        # the connection ends right then: its release and leave reach Redis first, while
+        # the re-assertion waits behind a slow command on its connection
+        ended.append(asyncio.ensure_future(p.release("late", "d", loc)))
+        ended.append(asyncio.ensure_future(p.leave("late-room", member, loc)))
+
+    slow = asyncio.ensure_future(p._beat_lane.execute([["BLPOP", "late-nothing", "0.3"]]))
+    await p.heartbeat("A", sessions(), [("late-room", member, loc)])  # the first: re-asserts
+    assert await asyncio.gather(*ended) == [True, True]
+    await slow
+    assert not await redis.hexists(keys.devices("late"), "d")
+    assert not await redis.hexists(keys.room("late-room"), "late/d")
+    assert not await redis.sismember(keys.device_rooms("late", "d"), "late-room")
+    await redis.aclose()
