@@ -471,8 +471,8 @@ class Hub:
         """Tell every worker watching ``user`` that its devices changed."""
         try:
             nodes = await self.presence.watchers(user)
-        except Exception:
-            self.stats.backplane_error("presence")
+        except Exception as exc:
+            self._presence_failed(exc)
             return
         for node in nodes:
             if node == self.node_id:
@@ -480,8 +480,13 @@ class Hub:
                 continue
             try:
                 await self.backplane.send(node, Envelope("presence", user, ()))
-            except Exception:
-                self.stats.backplane_error("presence")
+            except Exception as exc:
+                self._presence_failed(exc)
+
+    def _presence_failed(self, exc: Exception) -> None:
+        # a watcher misses this change (the next one corrects it): worth a line in the log
+        self.stats.backplane_error("presence")
+        log.warning("presence notification failed: %s", type(exc).__name__)
 
     async def refresh_watchers(self, user: str) -> None:
         """Re-read ``user``'s devices and send ``presence_changed`` to local watchers whose
@@ -505,8 +510,8 @@ class Hub:
                 if not self._refresh_pending.get(user):
                     return
                 self._refresh_pending[user] = False
-        except Exception:
-            self.stats.backplane_error("presence")
+        except Exception as exc:
+            self._presence_failed(exc)
         finally:
             self._refresh_pending.pop(user, None)
 
