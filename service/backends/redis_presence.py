@@ -26,7 +26,7 @@ from ..core.contracts import Claim, Located, Location, Member
 from ..core.running import LoopBound
 from . import keys
 from .lane import Batch, Lane, fail_all
-from .scripts import ScriptCall, evalsha, run_scripts, settled
+from .scripts import ScriptCall, evalsha, execute, run_scripts, settled
 
 _ALIVE = """
 local function now_ms()
@@ -292,10 +292,10 @@ class RedisPresence(LoopBound):
         self._lookup_lane.add_source(self._take_lookups)
         self._beat_lane = Lane(redis)  # the heartbeat's re-assertion (large batches)
         self._reassert_next = True  # the first beat re-asserts
-        # releases and leaves made while a re-assertion is on its way (None: none is), and
-        # those whose repetition failed: see ``_repeat_late``
-        self._late: list[ScriptCall] | None = None
-        self._late_failed: list[ScriptCall] = []
+        # the releases and leaves (as commands) made while a re-assertion is on its way
+        # (None: none is), and those whose repetition failed: see ``_repeat_late``
+        self._late: list[list[Any]] | None = None
+        self._late_failed: list[list[Any]] = []
         self._prefix = keys.node_alive_prefix()
         self._locating: list[tuple[Sequence[str], _Located]] = []
 
@@ -330,7 +330,7 @@ class RedisPresence(LoopBound):
         """Run a release or a leave, noted for repetition when a re-assertion is on its way
         (``_repeat_late``).  Noted at the call, before it can reach Redis."""
         if self._late is not None:
-            self._late.append((script, keys_, args))
+            self._late.append(evalsha(script, keys_, args))
         return script(keys=keys_, args=args)
 
     async def park(self, user: str, device: str, loc: Location, window: float) -> bool:
@@ -534,13 +534,15 @@ class RedisPresence(LoopBound):
         their release: the entry would be back for good (a phantom device on a live
         worker).  Repeating is harmless otherwise: both scripts touch only an entry that
         still holds the ended connection's value.  Repetitions that fail are tried again
-        with the next re-assertion."""
+        with the next re-assertion.  An unwatch is not repeated: a watch made meanwhile
+        would be undone, and a watch set that came back costs only an envelope per change
+        that the worker ignores."""
         late, self._late = (self._late or []), None
         late, self._late_failed = self._late_failed + late, []
         if not late:
             return
         try:
-            results = await run_scripts(self._beat_lane, late)
+            results = await execute(self._beat_lane, late, (self._release, self._leave))
         except Exception:
             self._late_failed = late
             raise
