@@ -691,13 +691,14 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
     router = rt.router
     admit = rt.limiter.admit
     user = session.user_id
-    if router.inline:
-        ws.fast = (router, session)
+    ws.fast = (router, session)
     try:
         while not session.closed:
             batch = await ws.next_messages()
             if not batch:
                 return  # closed by the peer, by us, or by the network
+            if session.pending is not None:
+                await session.pending  # messages started in the read callback go first
             if session.closed:
                 return  # what came with the close is not handled (nor counted)
             if len(batch) > 1:
@@ -709,6 +710,7 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
                 await router.handle(session, batch[0][1], admit(user), counted=True)
             else:
                 await router.handle_binary(session, admit(user), counted=True)
+            router.finished(session)
     finally:
         ws.fast = None
 

@@ -75,11 +75,12 @@ return 1
 
 # A tick's direct messages, each looked up and queued in one step (``route``).  KEYS: each
 # message's recipient device hash; ARGV: node prefix, this worker, inbox key prefix, MAXLEN,
-# ENTRY_ENVELOPES, ENTRY_BYTES, then five per message: sender, only ("" for all), skip
-# ("" for none), and its batch row (``encode_batch``'s) without the devices: the head
-# (array header, kind, user) and the tail (frame, conn, ts).  Each message's reply is the
-# count of devices queued, or (nothing queued: a device here or parked, or an earlier
-# message of its sender in this call was not queued) its recipient's live devices, as
+# ENTRY_ENVELOPES, ENTRY_BYTES, then five per message: sender ("!" before it: held back
+# since an earlier call), only ("" for all), skip ("" for none), and its batch row
+# (``encode_batch``'s) without the devices: the head (array header, kind, user) and the
+# tail (frame, conn, ts).  Each message's reply is the count of devices queued, or
+# (nothing queued: a device here or parked, or its sender held back or an earlier message
+# of its sender in this call not queued) its recipient's live devices, as
 # ``_LIVE`` answers.  Envelopes for one inbox share entries within the bounds, as
 # ``_take_sends`` makes them.
 _ROUTE = _ALIVE + """
@@ -121,6 +122,7 @@ local out, sent, stopped = {}, {}, {}
 for i = 1, #KEYS do
   local a = 6 + (i - 1) * 5
   local sender, only, skip = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  if string.byte(sender, 1) == 33 then stopped[sender] = true end  -- '!': held back
   local row = live(KEYS[i], prefix)
   local by_node, nodes, fits = {}, {}, not stopped[sender]
   if fits then
@@ -280,6 +282,7 @@ class RedisBackplane(LoopBound):
         self._lane.add_source(self._take_sends)
         self._route_script = redis.register_script(_ROUTE)
         self._routes: list[_Route] = []
+        self._stopped: set[int] = set()  # senders held back until ``resume``
         self._lane.add_source(self._take_routes)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._inbox_lane = Lane(reader)  # the reader's own connection
@@ -368,9 +371,10 @@ class RedisBackplane(LoopBound):
         assert self._node is not None
         args: list[Any] = [keys.node_alive_prefix(), self._node, keys.inbox(""),
                            self._maxlen, ENTRY_ENVELOPES, ENTRY_BYTES]
+        stopped = self._stopped
         for user, only, skip, frame, ts, sender, _ in batch:
             # ``encode_batch``'s row, cut around its devices field (the script fills it in)
-            args += (sender, only, skip,
+            args += (b"!%d" % sender if sender in stopped else sender, only, skip,
                      _ROW_HEAD + _encoder.encode((_KIND_S["deliver"], user))[1:],
                      _encoder.encode((frame, "", ts))[1:])
         commands = [evalsha(self._route_script, [keys.devices(r[0]) for r in batch], args)]
@@ -386,9 +390,18 @@ class RedisBackplane(LoopBound):
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (*_, fut), res in zip(batch, reply, strict=True):
+        stopped = self._stopped
+        for (*_, sender, fut), res in zip(batch, reply, strict=True):
+            if isinstance(res, int):
+                if not fut.done():
+                    fut.set_result(res)
+                continue
+            stopped.add(sender)  # its later calls, in the next rounds, are held back too
             if not fut.done():
-                fut.set_result(res if isinstance(res, int) else _devices(res))
+                fut.set_result(_devices(res))
+
+    def resume(self, sender: int) -> None:
+        self._stopped.discard(sender)
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
         """Frames for ``user``/``device`` that the inbox of a worker that died still held

@@ -131,11 +131,16 @@ class RedisLimiter(LoopBound):
     def period_s(self) -> int:
         return int(self._item.get_expiry())
 
-    def admit(self, user: str) -> Admission:
+    def leased(self, user: str) -> bool:
         lease = self._leases.get(user)
         if lease is not None and lease[0] > 0 and time.monotonic() < lease[1]:
             lease[0] -= 1
             lease[2] += 1
+            return True
+        return False
+
+    def admit(self, user: str) -> Admission:
+        if self.leased(user):
             return None
         fut: asyncio.Future[float | None] = self.running_loop().create_future()
         if self._closed:

@@ -199,9 +199,14 @@ class Backplane(Protocol):
         are gone).  Otherwise (a device on this worker or parked) nothing is queued and
         this resolves to ``user``'s live devices, as ``locate`` would: the caller goes on
         from there.  Once a call of ``sender`` (the caller's connection) resolved to
-        devices, its later calls of the same loop tick do too, so that nothing it sends
+        devices, its later calls do too until ``resume(sender)``, so that nothing it sends
         overtakes what it must still send itself.  Raises when the backplane failed (the
         outcome is unknown)."""
+        ...
+
+    def resume(self, sender: int) -> None:
+        """``sender`` has nothing in flight any more: its ``route`` calls may queue again.
+        The caller must call this once every message of the sender has been finished."""
         ...
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
@@ -229,6 +234,11 @@ class RateLimiter(Protocol):
     def admit(self, user: str) -> Admission:
         """Count one message; None when allowed, else seconds until one would be — or a
         future of that (settled within the loop tick's batch)."""
+
+    def leased(self, user: str) -> bool:
+        """Count one message against a slot this worker already holds for ``user`` (a
+        lease): True when it did (the message is admitted), False when none is at hand
+        (nothing counted: the caller asks ``admit``)."""
 
     async def hit(self, user: str) -> float | None:
         """``admit``, awaited."""

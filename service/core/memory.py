@@ -239,7 +239,7 @@ class MemoryBackplane:
     def __init__(self, cluster: MemoryCluster | None = None) -> None:
         self.cluster = cluster or MemoryCluster()
         self.node: str | None = None
-        self._stopped: set[int] = set()  # senders whose routes this tick returned devices
+        self._stopped: set[int] = set()  # senders whose routes returned devices (``resume``)
 
     async def start(self, node: str, sink: EnvelopeSink) -> None:
         self.node = node
@@ -260,6 +260,9 @@ class MemoryBackplane:
         c.kept.setdefault((user, device), deque(maxlen=c.resume_max_messages)).append(frame)
         return True
 
+    def resume(self, sender: int) -> None:
+        self._stopped.discard(sender)
+
     def route(
         self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
         sender: int,
@@ -273,8 +276,6 @@ class MemoryBackplane:
             if (only is None or device == only) and device != skip:
                 by_node.setdefault(loc.node, []).append(device)
         if sender in self._stopped or self.node in by_node or PARKED in by_node:
-            if not self._stopped:  # forgotten at the next loop pass (the tick is over)
-                loop.call_soon(self._stopped.clear)
             self._stopped.add(sender)
             fut.set_result(found)
             return fut

@@ -56,6 +56,9 @@ class WindowLimiter:
         self._users: dict[str, list[Any]] = {}
         self._next_sweep = clock() + self.period_s
 
+    def leased(self, user: str) -> bool:
+        return False  # no leases (``admit`` answers at once anyway)
+
     def admit(self, user: str) -> Admission:
         now = self._clock()
         if now >= self._next_sweep:

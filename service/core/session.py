@@ -9,6 +9,7 @@ connection (1008 slow consumer).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,9 @@ class Session:
         "watching",
         "expiry_notified",
         "held",
+        "pending",
+        "inflight",
+        "chain",
         "_closer",
         "_max_messages",
         "max_bytes",
@@ -75,6 +79,13 @@ class Session:
         self.expiry_notified = False
         # while connecting, live traffic waits here so that welcome and kept messages go first
         self.held: list[bytes] | None = None
+        # direct messages started from the read callback (``Router.handle_now``) and not
+        # finished: how many, a future set when none is left (the edge waits for it before
+        # it hands over the next frames), and the task finishing the latest one that was
+        # not queued in one step (the next such waits for it: replies keep their order)
+        self.pending: asyncio.Future[None] | None = None
+        self.inflight = 0
+        self.chain: asyncio.Future[None] | None = None
         self._closer = closer
         self._max_messages = max_messages
         # the outbox bound in bytes (the edge applies it to its socket buffer too); read

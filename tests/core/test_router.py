@@ -283,6 +283,9 @@ class _BatchingLimiter:
         fut.set_result(self.inner.admit(user))
         return fut
 
+    def leased(self, user: str) -> bool:
+        return False  # no leases: every message asks ``admit``
+
 
 async def test_handle_now_does_nothing_when_it_cannot_finish_at_once(make_node):
     a, b = await make_node("A", rate="3/minute"), await make_node("B")
@@ -346,3 +349,84 @@ async def test_sustained_abuse_inline_closes_with_1008(make_node):
     assert s.closed and s.close_code == 1008
     assert s.closes == [(1008, "sustained abuse")]
     assert a.router.handle_now(s, b'{"type":"offer","to":"victim","payload":1}') is False
+
+
+class _LeasingLimiter(_BatchingLimiter):
+    """Batches like the Redis limiter, and holds ``leases`` slots taken ahead."""
+
+    def __init__(self, inner: Any, leases: int) -> None:
+        super().__init__(inner)
+        self.leases = leases
+
+    def leased(self, user: str) -> bool:
+        if self.leases <= 0:
+            return False
+        self.leases -= 1
+        return True
+
+
+OFFER = '{"type":"offer","to":"%s","payload":%d,"id":"m%d"}'
+
+
+async def finished(session: Any) -> None:
+    """Loop passes until the session's messages started in the read callback are done."""
+    for _ in range(100):
+        if session.pending is None:
+            break
+        await asyncio.sleep(0)
+    await settle()
+
+
+async def test_leased_messages_start_in_the_read_callback_and_keep_their_order(make_node):
+    """With a limiter that batches, ``handle_now`` starts every message a lease admits,
+    one after the other, without waiting.  After one that could not be queued in one step
+    (a device here), the sender's later ones wait behind it, even one started later that
+    could have been (carol's remote device gets 2 before 3), until none is in flight."""
+    a, b = await make_node("A"), await make_node("B")
+    limiter = _LeasingLimiter(a.router.limiter, leases=6)
+    a.router = type(a.router)(a.hub, limiter)
+    alice = await a.connect("alice", "a1")
+    bob = await b.connect("bob", "b1")
+    carol_here, carol_there = await a.connect("carol", "c1"), await b.connect("carol", "c2")
+    for to, n in (("bob", 1), ("carol", 2)):
+        assert a.router.handle_now(alice, (OFFER % (to, n, n)).encode()) is True
+    assert alice.pending is not None and alice.inflight == 2
+    await asyncio.sleep(0)  # a loop pass: carol's message is being finished in a task
+    only_there = '{"type":"offer","to":"carol","to_device":"c2","payload":3,"id":"m3"}'
+    assert a.router.handle_now(alice, only_there.encode()) is True
+    assert a.router.handle_now(alice, (OFFER % ("bob", 4, 4)).encode()) is True
+    await finished(alice)
+    assert alice.pending is None and alice.inflight == 0 and alice.chain is None
+    assert [f["id"] for f in frames(alice)] == ["m1", "m2", "m3", "m4"]
+    assert [f["payload"] for f in frames(bob)] == [1, 4]
+    assert [f["payload"] for f in frames(carol_here)] == [2]
+    assert [f["payload"] for f in frames(carol_there)] == [2, 3]
+    # nothing in flight: the sender's routes are queued in one step again
+    assert await a.hub.backplane.route("bob", None, None, b"{}", 1, id(alice)) == 1
+    # no lease left: refused, nothing counted, nothing sent
+    limiter.leases = 0
+    assert a.router.handle_now(alice, (OFFER % ("bob", 5, 5)).encode()) is False
+    await settle()
+    assert frames(alice) == []
+
+
+async def test_a_message_started_in_the_read_callback_answers_errors(make_node):
+    a = await make_node("A")
+    a.router = type(a.router)(a.hub, _LeasingLimiter(a.router.limiter, leases=3))
+    alice = await a.connect("alice", "a1")
+    assert a.router.handle_now(alice, (OFFER % ("nobody", 1, 1)).encode()) is True
+    await settle()
+    assert [(f["id"], f["code"]) for f in frames(alice)] == [("m1", "peer_offline")]
+
+    def broken(*args: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_exception(ConnectionError("backplane down"))
+        return fut
+
+    a.hub.backplane.route = broken  # type: ignore[method-assign]
+    for n in (2, 3):
+        assert a.router.handle_now(alice, (OFFER % ("bob", n, n)).encode()) is True
+    await finished(alice)
+    assert alice.pending is None and alice.inflight == 0
+    assert [(f["id"], f["code"]) for f in frames(alice)] == [
+        ("m2", "internal"), ("m3", "internal")]

@@ -273,8 +273,8 @@ async def test_route_leaves_a_device_here_or_parked_to_the_caller(
     make_bp: Any, redis: Any
 ) -> None:
     """Nothing is queued when a device is on this worker or parked: the answer is the
-    lookup's.  A later call of the same sender in that tick is not queued either; another
-    sender's is."""
+    lookup's.  The same sender's later calls are not queued either, in that script run and
+    in later ones, until ``resume``; another sender's are."""
     a, _ = await make_bp("A")
     inbox = await _silent_inbox(redis, "Q")
     await _devices_at(redis, "carol", c1="A|x", c2="Q|y")
@@ -291,9 +291,17 @@ async def test_route_leaves_a_device_here_or_parked_to_the_caller(
     assert erin_1 == {"e1": Location("Q", "v")} and erin_2 == 1
     entries = await redis.xrange(inbox)
     assert [e.frame for _, f in entries for e in decode_entry(f)] == [b"4"]
+    # held back in a later round too, until the sender has nothing in flight
+    assert await a.route("erin", None, None, b"5", 1, 1) == {"e1": Location("Q", "v")}
+    assert await a.route("erin", None, None, b"6", 1, 3) == 1
+    a.resume(1)
+    assert await a.route("erin", None, None, b"7", 1, 1) == 1
     # the device here is not a target: the rest is queued
-    assert await a.route("carol", "c2", None, b"5", 1, 1) == 1
-    assert await a.route("carol", None, "c1", b"6", 1, 1) == 1
+    assert await a.route("carol", "c2", None, b"8", 1, 1) == 1
+    assert await a.route("carol", None, "c1", b"9", 1, 1) == 1
+    entries = await redis.xrange(inbox)
+    assert [e.frame for _, f in entries for e in decode_entry(f)] == [
+        b"4", b"6", b"7", b"8", b"9"]
 
 
 async def test_route_counts_no_device_for_a_gone_worker_or_nobody(

@@ -112,3 +112,42 @@ async def test_an_admitted_message_is_looked_up_and_queued_in_one_round_trip(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_leased_messages_start_in_the_read_callback_in_one_round_trip(
+    redis_url: str,
+) -> None:
+    """Once a lease covers the sender, ``handle_now`` starts its messages itself, one after
+    the other without waiting: they share one lane round trip, the acks come from its
+    callback in order, and ``session.pending`` is clear afterwards."""
+    settings = {"JWT_SECRET": "s" * 40, "REDIS_URL": redis_url, "RATE_LIMIT": "1000/second"}
+    a, b = (Runtime.build(Settings.from_env(settings)) for _ in range(2))
+    try:
+        await a.start()
+        await b.start()
+        alice, bob = _session(a, "alice", "phone"), _session(b, "bob", "laptop")
+        await a.hub.connect(alice)
+        await b.hub.connect(bob)
+        frame = b'{"type":"offer","to":"bob","payload":%d,"id":"%d"}'
+        for i in range(2):  # two acquisitions: the second takes a lease ahead
+            assert a.router.handle_now(alice, frame % (i, i)) is False
+            await _send(a, alice, json.loads(frame % (i, i)))
+        lane = a.limiter._lane  # type: ignore[attr-defined]
+        before = lane.round_trips
+        assert a.router.handle_now(alice, frame % (2, 2)) is True
+        assert a.router.handle_now(alice, frame % (3, 3)) is True  # no wait
+        assert alice.pending is not None
+        for _ in range(200):
+            if alice.pending is None:
+                break
+            await asyncio.sleep(0.01)
+        assert alice.pending is None and lane.round_trips - before == 1
+        assert [f["id"] for f in _frames(alice) if f["type"] == "ack"] == ["0", "1", "2", "3"]
+        for _ in range(200):
+            if len(_frames(bob)) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert [f["payload"] for f in _frames(bob) if f["type"] == "offer"] == [0, 1, 2, 3]
+    finally:
+        await a.close()
+        await b.close()
