@@ -336,32 +336,55 @@ class Router:
         self, session: Session, msg: DirectFields, frame: bytes, ts: int,
         step: asyncio.Future[int | dict[str, Location]],
     ) -> None:
-        """The outcome of a ``_route_now``: the ack now when it was queued (or an error),
-        else the rest of its delivery in a task (after the one before it)."""
-        if session.chain is None:
-            try:
-                got = _outcome(step)
-                if type(got) is int:
-                    self._acknowledge(session, msg, got)
-                    self._end_now(session)
+        """The outcome of a ``_route_now``: the ack (or an error) now when it was queued or
+        its devices are all here; the sends to other workers and parked devices in a task
+        (``session.chain``); behind such a task, all of it in the next one."""
+        if session.chain is not None:
+            session.chain = asyncio.ensure_future(
+                self._finish_now(session, msg, step, frame, ts, session.chain))
+            return
+        try:
+            got = _outcome(step)
+            if type(got) is int:
+                self._acknowledge(session, msg, got)
+            else:
+                found: Located = {msg.to: cast(dict[str, Location], got)}
+                delivered, remote, parked, frame, ts = self._first_step(
+                    session, msg, found, frame, ts)
+                if remote or parked:
+                    session.chain = asyncio.ensure_future(self._send_rest(
+                        session, msg, remote, parked, frame, ts, delivered))
                     return
-            except Exception as exc:
-                self._failed(session, exc, msg.id)
-                self._end_now(session)
-                return
-        session.chain = asyncio.ensure_future(
-            self._finish_now(session, msg, step, frame, ts, session.chain))
+                self._acknowledge(session, msg, delivered)
+        except Exception as exc:
+            self._failed(session, exc, msg.id)
+        self._end_now(session)
+
+    async def _send_rest(
+        self, session: Session, msg: DirectFields, remote: dict[str, list[str]],
+        parked: list[str], frame: bytes, ts: int, delivered: int,
+    ) -> None:
+        try:
+            delivered = await self._send_on(msg.to, remote, parked, frame, ts, delivered)
+            self._acknowledge(session, msg, delivered)
+        except Exception as exc:
+            self._failed(session, exc, msg.id)
+        finally:
+            self._chain_done(session)
 
     async def _finish_now(
         self, session: Session, msg: DirectFields,
         step: asyncio.Future[int | dict[str, Location]], frame: bytes, ts: int,
-        before: asyncio.Future[None] | None,
+        before: asyncio.Future[None],
     ) -> None:
-        """A ``_route_now`` that was not queued in one step: local devices, sends, parked
-        devices as ``_direct`` does, once the one before it is finished."""
+        """A ``_route_now`` whose outcome came while the one before it was still being
+        finished: all of it, as ``_direct`` does, once that one is done."""
         try:
-            if before is not None:
-                await asyncio.wait((before,))  # its outcome is its own
+            try:
+                await before
+            except asyncio.CancelledError:
+                if not before.cancelled():
+                    raise  # this task is cancelled (the worker is stopping)
             got = _outcome(step)
             if type(got) is int:
                 self._acknowledge(session, msg, got)
@@ -371,9 +394,12 @@ class Router:
         except Exception as exc:
             self._failed(session, exc, msg.id)
         finally:
-            if session.chain is asyncio.current_task():
-                session.chain = None
-            self._end_now(session)
+            self._chain_done(session)
+
+    def _chain_done(self, session: Session) -> None:
+        if session.chain is asyncio.current_task():
+            session.chain = None
+        self._end_now(session)
 
     def _end_now(self, session: Session) -> None:
         """One ``_route_now`` finished; the last one lets the sender's routes queue again
