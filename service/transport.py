@@ -713,4 +713,6 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
             router.finished(session)
     finally:
         ws.fast = None
+        if not session.inflight:  # else the last one in flight resumes the sender
+            router.finished(session)  # also after a failure: no hold outlives the loop
 
