@@ -4,6 +4,7 @@ of them is safe to call twice."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -190,7 +191,7 @@ class Backplane(Protocol):
     def route(
         self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
         sender: int,
-    ) -> Awaitable[int | dict[str, Location]]:
+    ) -> asyncio.Future[int | dict[str, Location]]:
         """A direct message's lookup and its envelopes in one step (one round trip where
         ``locate`` and then ``send`` take two): the live devices of ``user`` that get
         ``frame`` are ``only`` (when given) or all but ``skip``.  When there are none, or
