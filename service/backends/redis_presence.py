@@ -39,15 +39,8 @@ end
 -- A worker's state, read once per script run (a batch of lookups names the same few
 -- workers over and over; no script changes a liveness key after reading one).
 local node_states = {}
--- 2: live on a live worker; 1: resumable (parked, or its worker died less than
--- RESUME_WINDOW ago); 0: dead
-local function state(prefix, value)
-  local node = string.match(value, '^[^|]*')
-  if node == '~' then
-    local deadline = tonumber(string.match(value, '|(%d+)$') or '0')
-    if deadline > now_ms() then return 1 end
-    return 0
-  end
+-- A worker's state (a node named in a device's value, not "~")
+local function node_state(prefix, node)
   local st = node_states[node]
   if st == nil then
     st = 0
@@ -60,8 +53,19 @@ local function state(prefix, value)
   end
   return st
 end
-local function live(key, prefix)
-  local h = redis.call('HGETALL', key)
+-- 2: live on a live worker; 1: resumable (parked, or its worker died less than
+-- RESUME_WINDOW ago); 0: dead
+local function state(prefix, value)
+  local node = string.match(value, '^[^|]*')
+  if node == '~' then
+    local deadline = tonumber(string.match(value, '|(%d+)$') or '0')
+    if deadline > now_ms() then return 1 end
+    return 0
+  end
+  return node_state(prefix, node)
+end
+-- the devices of a user's hash (an HGETALL reply) that are live or resumable
+local function live_of(h, prefix)
   local out = {}
   for i = 1, #h, 2 do
     local st = state(prefix, h[i + 1])
@@ -74,6 +78,9 @@ local function live(key, prefix)
     end
   end
   return out
+end
+local function live(key, prefix)
+  return live_of(redis.call('HGETALL', key), prefix)
 end
 local function drop_dead(key, prefix)
   local h = redis.call('HGETALL', key)

@@ -318,6 +318,29 @@ async def test_route_counts_no_device_for_a_gone_worker_or_nobody(
     assert not await redis.exists(keys.inbox("ghost"))
 
 
+async def test_route_of_a_one_device_user_takes_the_general_path_unless_it_is_queued(
+    make_bp: Any, redis: Any
+) -> None:
+    """The script's shortcut for a user with one device queues only a live device on
+    another live worker; every other case answers as with several devices."""
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    await _devices_at(redis, "ghosted", g="ghost|c1")  # alive, no inbox
+    await _devices_at(redis, "here", h="A|c2")
+    await _devices_at(redis, "bob", b="B|c3")
+    await redis.hset(keys.devices("dead"), "d", "D|c4")  # no liveness key
+    await _devices_at(redis, "parked", p=_parked("c5"))
+    assert await a.route("ghosted", None, None, b"1", 1, 1) == 0
+    assert await a.route("here", None, None, b"2", 1, 2) == {"h": Location("A", "c2")}
+    assert await a.route("dead", None, None, b"3", 1, 3) == 0
+    assert await a.route("parked", None, None, b"4", 1, 4) == {"p": Location(PARKED, "c5")}
+    assert await a.route("bob", None, "b", b"5", 1, 5) == 0
+    assert await a.route("bob", "x", None, b"6", 1, 5) == 0
+    assert await a.route("bob", "b", None, b"7", 1, 5) == 1
+    assert await a.route("bob", None, None, b"8", 1, 5) == 1
+    assert [e.frame for e in await inbox_b.wait_for(2)] == [b"7", b"8"]
+
+
 async def test_route_after_close_fails(make_bp: Any) -> None:
     a, _ = await make_bp("A")
     await a.close()
