@@ -32,7 +32,7 @@ from redis.exceptions import ResponseError
 from ..core.contracts import Envelope, EnvelopeSink, Location, NullStats, Stats, envelope_of
 from ..core.running import LoopBound
 from . import keys
-from .lane import Batch, Lane
+from .lane import Batch, Lane, Packed, resp_args
 from .redis_presence import _ALIVE, _devices, _s
 from .scripts import evalsha, settled
 
@@ -57,6 +57,10 @@ _Row = tuple[str, str, str, bytes, str, int]
 _encoder = msgspec.msgpack.Encoder()
 _ROW_HEAD = b"\x96"  # a row's msgpack array header: six fields
 _rows = msgspec.msgpack.Decoder(list[_Row])
+# a message's ARGV in ``_ROUTE`` but its row's head (cached per user): sender, only, skip,
+# head, tail
+_ROUTE_ARGS = b"$%d\r\n%b\r\n" * 3 + b"%b" + b"$%d\r\n%b\r\n"
+HEAD_CACHE_MAX = 16384  # recipients whose key and row head are kept made
 
 
 # KEYS: the user's device hash, the device's kept list; ARGV: device, frame, max, ttl,
@@ -311,6 +315,7 @@ class RedisBackplane(LoopBound):
         self._route_script = redis.register_script(_ROUTE)
         self._routes: list[_Route] = []
         self._stopped: set[int] = set()  # senders held back until ``resume``
+        self._heads: dict[str, tuple[bytes, bytes]] = {}  # see ``_take_routes``
         self._lane.add_source(self._take_routes)
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._inbox_lane = Lane(reader)  # the reader's own connection
@@ -397,15 +402,37 @@ class RedisBackplane(LoopBound):
             return []
         batch, self._routes = self._routes, []
         assert self._node is not None
-        args: list[Any] = [keys.node_alive_prefix(), self._node, keys.inbox(""),
-                           self._maxlen, ENTRY_ENVELOPES, ENTRY_BYTES]
+        # The EVALSHA made here in RESP (``Packed``): its keys, then six arguments, then
+        # five per message (``_ROUTE``'s ARGV).
+        heads = self._heads
+        if len(heads) > HEAD_CACHE_MAX:
+            heads.clear()
         stopped = self._stopped
+        keys_out: list[bytes] = []
+        args_out: list[bytes] = [resp_args((
+            keys.node_alive_prefix(), self._node, keys.inbox(""), self._maxlen,
+            ENTRY_ENVELOPES, ENTRY_BYTES))]
         for user, only, skip, frame, ts, sender, _ in batch:
-            # ``encode_batch``'s row, cut around its devices field (the script fills it in)
-            args += (b"!%d" % sender if sender in stopped else sender, only, skip,
-                     _ROW_HEAD + _encoder.encode((_KIND_S["deliver"], user))[1:],
-                     _encoder.encode((frame, "", ts))[1:])
-        commands = [evalsha(self._route_script, [keys.devices(r[0]) for r in batch], args)]
+            cached = heads.get(user)
+            if cached is None:
+                key = keys.devices(user).encode()
+                # ``encode_batch``'s row, cut around its devices field (the script fills
+                # it in): the head here, the tail below
+                head = _ROW_HEAD + _encoder.encode((_KIND_S["deliver"], user))[1:]
+                cached = heads[user] = (b"$%d\r\n%b\r\n" % (len(key), key),
+                                        b"$%d\r\n%b\r\n" % (len(head), head))
+            keys_out.append(cached[0])
+            who = b"!%d" % sender if sender in stopped else b"%d" % sender
+            o, k = only.encode(), skip.encode()
+            tail = _encoder.encode((frame, "", ts))[1:]
+            args_out.append(_ROUTE_ARGS % (len(who), who, len(o), o, len(k), k, cached[1],
+                                           len(tail), tail))
+        n = len(batch)
+        command = Packed(b"".join((
+            b"*%d\r\n" % (3 + 6 + 6 * n),
+            resp_args(("EVALSHA", self._route_script.sha, n)),
+            *keys_out, *args_out)))
+        commands = [command]
         return [(commands, settled(self._lane, commands, [self._route_script],
                                    functools.partial(self._routed, batch)))]
 

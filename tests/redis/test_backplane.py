@@ -341,6 +341,17 @@ async def test_route_of_a_one_device_user_takes_the_general_path_unless_it_is_qu
     assert [e.frame for e in await inbox_b.wait_for(2)] == [b"7", b"8"]
 
 
+async def test_route_runs_again_when_redis_forgot_its_script(make_bp: Any, redis: Any) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    await _devices_at(redis, "bob", d1="B|c1")
+    assert await a.route("bob", None, None, b"1", 1, 1) == 1
+    await redis.script_flush()  # a restart without persistence
+    assert await asyncio.gather(a.route("bob", None, None, b"2", 2, 1),
+                                a.route("bob", "d1", None, b"3", 3, 2)) == [1, 1]
+    assert [e.frame for e in await inbox_b.wait_for(3)] == [b"1", b"2", b"3"]
+
+
 async def test_route_after_close_fails(make_bp: Any) -> None:
     a, _ = await make_bp("A")
     await a.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from service.backends.lane import Batch, Lane
+from service.backends.lane import Batch, Lane, Packed, pack, resp_args
 from service.backends.redis_client import make_client
 from service.backends.scripts import run_scripts
 from tests.support import start_redis
@@ -26,6 +26,17 @@ async def test_batches_of_one_tick_share_a_round_trip(redis_url: str) -> None:
     await lane.close()
     await lane.close()  # safe twice
     await redis.delete("lane-a")
+    await redis.aclose()
+
+
+async def test_a_packed_command_travels_as_it_was_made(redis_url: str) -> None:
+    made = Packed(b"*3\r\n" + resp_args(("SET", "lane-p", 7)))
+    assert pack([made, ["GET", "lane-p"]]) == pack([["SET", "lane-p", 7], ["GET", "lane-p"]])
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    assert await lane.execute([made, ["INCR", "lane-p"]]) == [b"OK", 8]
+    await lane.close()
+    await redis.delete("lane-p")
     await redis.aclose()
 
 
