@@ -697,8 +697,9 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
             batch = await ws.next_messages()
             if not batch:
                 return  # closed by the peer, by us, or by the network
-            if session.pending is not None:
-                await session.pending  # messages started in the read callback go first
+            started = router.started(session)
+            if started is not None:
+                await started  # messages started in the read callback go first
             if session.closed:
                 return  # what came with the close is not handled (nor counted)
             if len(batch) > 1:

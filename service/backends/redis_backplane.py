@@ -22,14 +22,23 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ..core.contracts import Envelope, EnvelopeSink, Location, NullStats, Stats, envelope_of
+from ..core.contracts import (
+    Envelope,
+    EnvelopeSink,
+    Location,
+    NullStats,
+    RouteOutcome,
+    Stats,
+    envelope_of,
+    settle_route,
+)
 from ..core.running import LoopBound
 from . import keys
 from .lane import Batch, Lane, Packed, resp_args
@@ -40,8 +49,8 @@ log = logging.getLogger("signaling.backplane")
 
 # (stream or kept-list key, the envelope or None for a kept frame, frame, future)
 _Pending = tuple[str, "Envelope | None", bytes, "asyncio.Future[bool]"]
-# (user, only, skip, frame, ts, sender, future): a ``route`` call
-_Route = tuple[str, str, str, bytes, int, int, "asyncio.Future[int | dict[str, Location]]"]
+# (user, only, skip, frame, ts, sender, then): a ``route_then`` call
+_Route = tuple[str, str, str, bytes, int, int, "Callable[[RouteOutcome], None]"]
 _KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "kicked": b"K", "presence": b"p"}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 _KIND_S = {k: v.decode() for k, v in _KIND.items()}
@@ -203,6 +212,14 @@ for i, parts in pairs(sent) do
 end
 return out
 """
+
+
+def _tell(then: Callable[[RouteOutcome], None], outcome: RouteOutcome) -> None:
+    """A route's outcome to its caller (one caller's bug must not cost the others theirs)."""
+    try:
+        then(outcome)
+    except Exception:
+        log.exception("a route's outcome callback failed")
 
 
 def _stream_id(v: bytes | str) -> tuple[int, int]:
@@ -387,12 +404,21 @@ class RedisBackplane(LoopBound):
     ) -> asyncio.Future[int | dict[str, Location]]:
         """Joins this tick's ``_ROUTE`` call (see the contract)."""
         fut: asyncio.Future[int | dict[str, Location]] = self.running_loop().create_future()
-        if self._closed or self._node is None:
-            fut.set_exception(ConnectionError("backplane closed"))
-            return fut
-        self._routes.append((user, only or "", skip or "", frame, ts, sender, fut))
-        self._lane.wake()
+        self.route_then(user, only, skip, frame, ts, sender,
+                        functools.partial(settle_route, fut))
         return fut
+
+    def route_then(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int, then: Callable[[RouteOutcome], None],
+    ) -> None:
+        """Joins this tick's ``_ROUTE`` call; ``then`` is called from the lane's read
+        callback (see the contract)."""
+        if self._closed or self._node is None:
+            self.running_loop().call_soon(_tell, then, ConnectionError("backplane closed"))
+            return
+        self._routes.append((user, only or "", skip or "", frame, ts, sender, then))
+        self._lane.wake()
 
     def _take_routes(self) -> list[Batch]:
         """The lane's source: every ``route`` since the last round trip, in one call (one
@@ -441,19 +467,16 @@ class RedisBackplane(LoopBound):
         if isinstance(reply, BaseException):
             self._stats.backplane_error("xadd")
             exc = ConnectionError(f"backplane write failed: {type(reply).__name__}")
-            for *_, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for *_, then in batch:
+                _tell(then, exc)
             return
         stopped = self._stopped
-        for (*_, sender, fut), res in zip(batch, reply, strict=True):
+        for (*_, sender, then), res in zip(batch, reply, strict=True):
             if isinstance(res, int):
-                if not fut.done():
-                    fut.set_result(res)
+                _tell(then, res)
                 continue
             stopped.add(sender)  # its later calls, in the next rounds, are held back too
-            if not fut.done():
-                fut.set_result(_devices(res))
+            _tell(then, _devices(res))
 
     def resume(self, sender: int) -> None:
         self._stopped.discard(sender)
@@ -661,11 +684,12 @@ class RedisBackplane(LoopBound):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         futures: list[asyncio.Future[Any]] = [p[-1] for p in self._pending]
-        futures += [r[-1] for r in self._routes]
-        self._pending, self._routes = [], []
+        routes, self._pending, self._routes = self._routes, [], []
         for fut in futures:
             if not fut.done():
                 fut.set_exception(ConnectionError("backplane closed"))
+        for *_, then in routes:
+            _tell(then, ConnectionError("backplane closed"))
         await self._inbox_lane.close()
         if self._node is not None:
             with contextlib.suppress(Exception):

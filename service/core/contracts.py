@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from .ratelimit import Admission
@@ -88,6 +88,20 @@ def envelope_of(
 
 
 EnvelopeSink = Callable[[Envelope], None]
+
+# What a ``route`` comes to: the devices it was queued for, the recipient's live devices
+# (nothing queued), or the failure
+RouteOutcome: TypeAlias = "int | dict[str, Location] | BaseException"
+
+
+def settle_route(fut: asyncio.Future[int | dict[str, Location]], outcome: RouteOutcome) -> None:
+    """Put a ``route_then`` outcome into ``route``'s future (a twin's ``route``)."""
+    if fut.done():
+        return
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
 
 # a lookup's answer: each user's live devices and where they are
 Located = dict[str, dict[str, Location]]
@@ -203,6 +217,16 @@ class Backplane(Protocol):
         devices, its later calls do too until ``resume(sender)``, so that nothing it sends
         overtakes what it must still send itself.  Raises when the backplane failed (the
         outcome is unknown)."""
+        ...
+
+    def route_then(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int, then: Callable[[RouteOutcome], None],
+    ) -> None:
+        """``route`` with its outcome handed to ``then`` (the future's result, or the
+        exception it would raise): for the hot path, no future and no loop pass per
+        message.  ``then`` is called after this returns, never from within it, in the
+        order of the calls; it must not raise."""
         ...
 
     def resume(self, sender: int) -> None:

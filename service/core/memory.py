@@ -10,7 +10,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .contracts import PARKED, Claim, Envelope, EnvelopeSink, Location, Member, delivery
+from .contracts import (
+    PARKED,
+    Claim,
+    Envelope,
+    EnvelopeSink,
+    Location,
+    Member,
+    RouteOutcome,
+    delivery,
+)
 from .ratelimit import WindowLimiter
 
 K = TypeVar("K", str, Member)
@@ -267,8 +276,23 @@ class MemoryBackplane:
         self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
         sender: int,
     ) -> asyncio.Future[int | dict[str, Location]]:
+        fut: asyncio.Future[int | dict[str, Location]] = (
+            asyncio.get_running_loop().create_future())
+        fut.set_result(self._route(user, only, skip, frame, ts, sender))
+        return fut
+
+    def route_then(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int, then: Callable[[RouteOutcome], None],
+    ) -> None:
+        asyncio.get_running_loop().call_soon(
+            then, self._route(user, only, skip, frame, ts, sender))
+
+    def _route(
+        self, user: str, only: str | None, skip: str | None, frame: bytes, ts: int,
+        sender: int,
+    ) -> int | dict[str, Location]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int | dict[str, Location]] = loop.create_future()
         c = self.cluster
         found = c.live(c.devices.get(user, {}))
         by_node: dict[str, list[str]] = {}
@@ -277,16 +301,14 @@ class MemoryBackplane:
                 by_node.setdefault(loc.node, []).append(device)
         if sender in self._stopped or self.node in by_node or PARKED in by_node:
             self._stopped.add(sender)
-            fut.set_result(found)
-            return fut
+            return found
         queued = 0
         for node, devices in by_node.items():
             sink = c.sinks.get(node)
             if sink is not None and c.alive(node):
                 loop.call_soon(sink, delivery(user, tuple(devices), frame, ts))
                 queued += len(devices)
-        fut.set_result(queued)
-        return fut
+        return queued
 
     async def salvage(self, node: str, user: str, device: str) -> list[bytes]:
         return []  # an in-process inbox dies with its process

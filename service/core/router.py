@@ -40,7 +40,7 @@ from ..protocol import (
     parse_direct,
     with_id,
 )
-from .contracts import PARKED, Located, Location, RateLimiter, delivery
+from .contracts import PARKED, Located, Location, RateLimiter, RouteOutcome, delivery
 from .hub import Hub
 from .ratelimit import Admission, resolve
 from .session import Session
@@ -264,7 +264,7 @@ class Router:
         message (§3) whose recipients are all on this worker, with an in-process limiter
         and presence (the embedded single-worker setup).  With a limiter and a backplane
         that must be awaited (Redis), a direct message a lease admits is started instead
-        (``_route_now``): the caller must then wait for ``session.pending`` before it
+        (``_route_now``): the caller must then wait for ``started(session)`` before it
         hands over a later frame.  Otherwise returns False having done nothing (nothing
         counted, nothing sent): the caller must then pass this frame and every later one
         of the connection to ``handle``, in order.  The edge calls this
@@ -320,33 +320,44 @@ class Router:
         sender reach Redis in order, and once one of them was not queued in one step the
         backplane holds the sender's later ones back (their outcomes finish in order,
         through ``session.chain``) until none is in flight (``_end_now``: ``resume``).
-        ``session.pending`` is set while any is in flight: the edge waits for it before it
-        hands over a frame this refuses."""
+        ``session.inflight`` counts them: the edge waits for ``started`` before it hands
+        over a frame this refuses."""
         msg = parse_direct(frame)
         if msg is None or not self.limiter.leased(session.user_id):
             return False
         self.stats.received(msg.type)
         session.strikes = 0
-        out, ts, step = self._routing(session, msg)
+        out, ts, skip = self._stamped(session, msg)
+        session.inflight += 1
+        self.hub.backplane.route_then(
+            msg.to, msg.to_device, skip, out, ts, id(session),
+            functools.partial(self._routed_now, session, msg, out, ts))
+        return True
+
+    def started(self, session: Session) -> asyncio.Future[None] | None:
+        """What the edge must await before it handles a frame of ``session`` itself: the
+        messages ``handle_now`` started are finished first.  None when none is in flight
+        (a future is made only for a wait: not one per message)."""
+        if not session.inflight:
+            return None
         if session.pending is None:
             session.pending = asyncio.get_running_loop().create_future()
-        session.inflight += 1
-        step.add_done_callback(functools.partial(self._routed_now, session, msg, out, ts))
-        return True
+        return session.pending
 
     def _routed_now(
         self, session: Session, msg: DirectFields, frame: bytes, ts: int,
-        step: asyncio.Future[int | dict[str, Location]],
+        got: RouteOutcome,
     ) -> None:
         """The outcome of a ``_route_now``: the ack (or an error) now when it was queued or
         its devices are all here; the sends to other workers and parked devices in a task
         (``session.chain``); behind such a task, all of it in the next one."""
         if session.chain is not None:
             session.chain = asyncio.ensure_future(
-                self._finish_now(session, msg, step, frame, ts, session.chain))
+                self._finish_now(session, msg, got, frame, ts, session.chain))
             return
         try:
-            got = _outcome(step)
+            if isinstance(got, BaseException):
+                raise got
             if type(got) is int:
                 self._acknowledge(session, msg, got)
             else:
@@ -375,9 +386,8 @@ class Router:
             self._chain_done(session)
 
     async def _finish_now(
-        self, session: Session, msg: DirectFields,
-        step: asyncio.Future[int | dict[str, Location]], frame: bytes, ts: int,
-        before: asyncio.Future[None],
+        self, session: Session, msg: DirectFields, got: RouteOutcome, frame: bytes,
+        ts: int, before: asyncio.Future[None],
     ) -> None:
         """A ``_route_now`` whose outcome came while the one before it was still being
         finished: all of it, as ``_direct`` does, once that one is done."""
@@ -387,7 +397,8 @@ class Router:
             except asyncio.CancelledError:
                 if not before.cancelled():
                     raise  # this task is cancelled (the worker is stopping)
-            got = _outcome(step)
+            if isinstance(got, BaseException):
+                raise got
             if type(got) is int:
                 self._acknowledge(session, msg, got)
             else:
@@ -547,11 +558,16 @@ class Router:
     ) -> tuple[bytes, int, asyncio.Future[int | dict[str, Location]]]:
         """The message's frame, its acceptance time, and ``backplane.route`` of it (the
         caller must await that, or ``_abandon`` it)."""
-        ts = self._clock_ms()
-        frame = encode_direct(msg, session.user_id, session.device_id, ts)
-        skip = session.device_id if msg.to == session.user_id else None
+        frame, ts, skip = self._stamped(session, msg)
         return frame, ts, self.hub.backplane.route(
             msg.to, msg.to_device, skip, frame, ts, id(session))
+
+    def _stamped(self, session: Session, msg: DirectFields) -> tuple[bytes, int, str | None]:
+        """The message's frame as its recipients get it, its acceptance time, and the
+        device its route must leave out (the sender's own, when it writes to itself)."""
+        ts = self._clock_ms()
+        frame = encode_direct(msg, session.user_id, session.device_id, ts)
+        return frame, ts, session.device_id if msg.to == session.user_id else None
 
     def _first_step(
         self, session: Session, msg: DirectFields, found: Located, frame: bytes = b"",
@@ -797,10 +813,3 @@ def _abandon(pending: Awaitable[Any]) -> None:
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _outcome(step: asyncio.Future[int | dict[str, Location]]) -> int | dict[str, Location]:
-    """A route's result; a cancelled one (the worker is stopping) as a failure."""
-    if step.cancelled():
-        raise ConnectionError("route cancelled")
-    return step.result()

@@ -80,9 +80,10 @@ class Session:
         # while connecting, live traffic waits here so that welcome and kept messages go first
         self.held: list[bytes] | None = None
         # direct messages started from the read callback (``Router.handle_now``) and not
-        # finished: how many, a future set when none is left (the edge waits for it before
-        # it hands over the next frames), and the task finishing the latest one that was
-        # not queued in one step (the next such waits for it: replies keep their order)
+        # finished: how many, a future set when none is left (made by ``Router.started``
+        # when the edge must wait before it hands over the next frames), and the task
+        # finishing the latest one that was not queued in one step (the next such waits
+        # for it: replies keep their order)
         self.pending: asyncio.Future[None] | None = None
         self.inflight = 0
         self.chain: asyncio.Future[None] | None = None

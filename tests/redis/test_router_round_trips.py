@@ -119,7 +119,7 @@ async def test_leased_messages_start_in_the_read_callback_in_one_round_trip(
 ) -> None:
     """Once a lease covers the sender, ``handle_now`` starts its messages itself, one after
     the other without waiting: they share one lane round trip, the acks come from its
-    callback in order, and ``session.pending`` is clear afterwards."""
+    callback in order, and nothing is in flight afterwards."""
     settings = {"JWT_SECRET": "s" * 40, "REDIS_URL": redis_url, "RATE_LIMIT": "1000/second"}
     a, b = (Runtime.build(Settings.from_env(settings)) for _ in range(2))
     try:
@@ -136,12 +136,12 @@ async def test_leased_messages_start_in_the_read_callback_in_one_round_trip(
         before = lane.round_trips
         assert a.router.handle_now(alice, frame % (2, 2)) is True
         assert a.router.handle_now(alice, frame % (3, 3)) is True  # no wait
-        assert alice.pending is not None
+        assert alice.inflight == 2
         for _ in range(200):
-            if alice.pending is None:
+            if not alice.inflight:
                 break
             await asyncio.sleep(0.01)
-        assert alice.pending is None and lane.round_trips - before == 1
+        assert alice.inflight == 0 and lane.round_trips - before == 1
         assert [f["id"] for f in _frames(alice) if f["type"] == "ack"] == ["0", "1", "2", "3"]
         for _ in range(200):
             if len(_frames(bob)) >= 4:
