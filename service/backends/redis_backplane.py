@@ -472,11 +472,14 @@ class RedisBackplane(LoopBound):
             return
         stopped = self._stopped
         for (*_, sender, then), res in zip(batch, reply, strict=True):
-            if isinstance(res, int):
-                _tell(then, res)
-                continue
-            stopped.add(sender)  # its later calls, in the next rounds, are held back too
-            _tell(then, _devices(res))
+            try:  # (as ``_tell`` does, without a call per message)
+                if isinstance(res, int):
+                    then(res)
+                    continue
+                stopped.add(sender)  # its later calls, in the next rounds, are held back
+                then(_devices(res))
+            except Exception:
+                log.exception("a route's outcome callback failed")
 
     def resume(self, sender: int) -> None:
         self._stopped.discard(sender)

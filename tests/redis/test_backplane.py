@@ -352,6 +352,33 @@ async def test_route_runs_again_when_redis_forgot_its_script(make_bp: Any, redis
     assert [e.frame for e in await inbox_b.wait_for(3)] == [b"1", b"2", b"3"]
 
 
+async def test_route_then_tells_each_caller_even_after_one_callback_failed(
+    make_bp: Any, redis: Any
+) -> None:
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    await _devices_at(redis, "bob", d1="B|c1")
+    await _devices_at(redis, "carol", c1="A|c2")
+    got: list[Any] = []
+
+    def broken(outcome: Any) -> None:
+        raise RuntimeError("a caller's bug")
+
+    a.route_then("bob", None, None, b"1", 1, 1, broken)
+    a.route_then("carol", None, None, b"2", 1, 2, got.append)
+    a.route_then("bob", None, None, b"3", 1, 3, got.append)
+    await inbox_b.wait_for(2)
+    for _ in range(100):
+        if len(got) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert got == [{"c1": Location("A", "c2")}, 1]
+    await a.close()
+    a.route_then("bob", None, None, b"4", 1, 4, got.append)
+    await asyncio.sleep(0)
+    assert isinstance(got[-1], ConnectionError)
+
+
 async def test_route_after_close_fails(make_bp: Any) -> None:
     a, _ = await make_bp("A")
     await a.close()
