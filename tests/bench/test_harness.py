@@ -88,6 +88,21 @@ def test_core_bench_counts_every_message_it_measures(backplane: str, tmp_path: P
     assert (run["redis_us_per_msg"] > 0) == (backplane == "redis")
 
 
+def test_lua_bench_measures_the_route_script_and_a_variant(tmp_path: Path) -> None:
+    """bench/lua.py: every message of every batch is queued for its one device (it raises
+    otherwise), and each script's cost per message is reported."""
+    from bench import lua
+
+    variant = tmp_path / "v.lua"
+    variant.write_text(lua._ROUTE)
+    out = tmp_path / "lua.json"
+    assert lua.main(["--batch", "5", "--calls", "4", "--users", "7", "--repeat", "1",
+                     "--no-pin", "--script", str(variant), "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert set(run) == {"route", "lookup_only", "nothing", "variant"}
+    assert all(us > 0 for us in run.values()), run
+
+
 def test_inline_bench_keeps_every_frame_on_the_inline_path(tmp_path: Path) -> None:
     """bench/inline.py: each frame is delivered and acked from the read callback (a
     delivery and an ack written per message, nothing queued for a read loop)."""
