@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..core.running import LoopBound
+from ..core.running import LoopBound, settle
 
 log = logging.getLogger("signaling.redis")
 
@@ -93,15 +93,6 @@ def pack(commands: Sequence[Command]) -> bytes:
             b = a if type(a) is bytes else _arg(a)
             out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
-
-
-def _settle(fut: asyncio.Future[Any], result: Any) -> None:
-    if fut.done():
-        return
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)
 
 
 def _closed_error(exc: BaseException, closed: str = "lane closed") -> BaseException:
@@ -212,7 +203,7 @@ class Lane(LoopBound):
         if self._closed:
             fut.set_exception(ConnectionError("lane closed"))
             return fut
-        self._queue.append((commands, functools.partial(_settle, fut)))
+        self._queue.append((commands, functools.partial(settle, fut)))
         self.wake()
         return fut
 

@@ -37,9 +37,8 @@ from ..core.contracts import (
     RouteOutcome,
     Stats,
     envelope_of,
-    settle_route,
 )
-from ..core.running import LoopBound
+from ..core.running import LoopBound, settle
 from . import keys
 from .lane import Batch, Lane, Packed, resp_args
 from .redis_presence import _ALIVE, _devices, _s
@@ -405,7 +404,7 @@ class RedisBackplane(LoopBound):
         """Joins this tick's ``_ROUTE`` call (see the contract)."""
         fut: asyncio.Future[int | dict[str, Location]] = self.running_loop().create_future()
         self.route_then(user, only, skip, frame, ts, sender,
-                        functools.partial(settle_route, fut))
+                        functools.partial(settle, fut))
         return fut
 
     def route_then(

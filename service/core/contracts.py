@@ -93,16 +93,6 @@ EnvelopeSink = Callable[[Envelope], None]
 # (nothing queued), or the failure
 RouteOutcome: TypeAlias = "int | dict[str, Location] | BaseException"
 
-
-def settle_route(fut: asyncio.Future[int | dict[str, Location]], outcome: RouteOutcome) -> None:
-    """Put a ``route_then`` outcome into ``route``'s future (a twin's ``route``)."""
-    if fut.done():
-        return
-    if isinstance(outcome, BaseException):
-        fut.set_exception(outcome)
-    else:
-        fut.set_result(outcome)
-
 # a lookup's answer: each user's live devices and where they are
 Located = dict[str, dict[str, Location]]
 

@@ -8,6 +8,7 @@ about seven times per message across instances.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class LoopBound:
@@ -22,3 +23,14 @@ class LoopBound:
         if loop is None or loop.is_closed():
             loop = self._loop = asyncio.get_running_loop()
         return loop
+
+
+def settle(fut: asyncio.Future[Any], outcome: Any) -> None:
+    """Resolve ``fut`` with ``outcome``, or fail it when that is an exception; a future that
+    is done already (cancelled by its waiter) is left as it is."""
+    if fut.done():
+        return
+    if isinstance(outcome, BaseException):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
