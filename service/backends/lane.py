@@ -49,6 +49,9 @@ Done = Callable[["list[Any] | BaseException"], None]
 Batch = tuple[Sequence[Command], Done]
 # A batcher's hook (``Lane.add_source``): its batches due now, each with its ``Done``.
 Source = Callable[[], "list[Batch]"]
+# A rider's hook (``Lane.add_rider``): told whether a round trip is going (True: its batches
+# join it; False: nothing else is due, and it returns none).
+Rider = Callable[[bool], "list[Batch]"]
 
 
 def _arg(a: Any) -> bytes:
@@ -159,6 +162,7 @@ class Lane(LoopBound):
         self._link: _Link | None = None
         self._queue: list[Batch] = []  # waiting for the round trip in flight
         self._sources: list[Source] = []  # see ``add_source``
+        self._riders: list[Rider] = []  # see ``add_rider``
         self._round: _Round | None = None  # in flight (or waiting for a connection)
         self._scheduled = False  # a send is due at the end of this tick
         self._opening: asyncio.Task[None] | None = None
@@ -215,6 +219,19 @@ class Lane(LoopBound):
         is what saves the batchers a task and a loop pass each way per round trip."""
         self._sources.append(source)
 
+    def add_rider(self, rider: Rider) -> None:
+        """Register a batcher whose batches only ride along: whenever the lane looks for
+        work (after a ``wake``), ``rider(True)`` if a round trip is going anyway (its
+        batches join it, after the sources'), else ``rider(False)``, which returns none
+        (the rider gets its work done another way then).  While ``busy`` is True the
+        rider is sure to be asked again."""
+        self._riders.append(rider)
+
+    @property
+    def busy(self) -> bool:
+        """A round trip is out, or the lane will look for work at the end of this tick."""
+        return self._round is not None or self._scheduled
+
     def wake(self) -> None:
         """Something is due: a round trip goes at the end of this tick (or when the one
         out comes back)."""
@@ -233,17 +250,27 @@ class Lane(LoopBound):
                 log.exception("a lane source failed")
         return batches
 
+    def _ride(self, going: bool) -> list[Batch]:
+        batches: list[Batch] = []
+        for rider in self._riders:
+            try:
+                batches += rider(going)
+            except Exception:  # as for sources
+                log.exception("a lane rider failed")
+        return batches
+
     def _send_queued(self) -> None:
         self._scheduled = False
         if self._round is not None:
             return
         batches = self._due()
-        if not batches:
-            return
         if self._closed:
             _done_all(batches, ConnectionError("lane closed"))
             return
-        self._start(_Round(batches))
+        riding = self._ride(bool(batches))
+        if not batches:
+            return
+        self._start(_Round(batches + riding))
 
     def _start(self, rnd: _Round) -> None:
         """Send ``rnd`` now on a connection that is fine, else once one is open."""

@@ -336,6 +336,7 @@ class RedisBackplane(LoopBound):
         self._unacked: list[Any] = []  # ids read and delivered, acknowledged with the next read
         self._inbox_lane = Lane(reader)  # the reader's own connection
         self._inbox_lane.add_source(self._take_read)
+        self._lane.add_rider(self._ride_read)
         self._read_due = False  # see ``_take_read``
         self._retry: asyncio.TimerHandle | None = None  # the next read after a failure
         self._backoff = READ_BACKOFF_S
@@ -588,10 +589,31 @@ class RedisBackplane(LoopBound):
 
     # ------------------------------------------------------------------ reading
 
-    # The reader is a source of its own lane: each read's replies are handled in the
-    # socket's read callback, which asks for the next read (no task wake per read).
+    # One read is out at a time.  While the writer's lane is busy, the read rides on its
+    # round trips (no BLOCK): the acks of the routes in a round trip and the deliveries it
+    # read are then handed to the sessions in the same read callback, so a connection that
+    # gets both gets one write (across instances at 2,000 connections an ack and a
+    # delivery came in separate ticks: 1.84 writes per message).  When that lane is idle,
+    # the read ``BLOCK``s on the reader's own connection, a source of its own lane.  Each
+    # read's replies are handled in the socket's read callback, which asks for the next.
 
     def _take_read(self) -> list[Batch]:
+        """The reader's lane: a blocking read, when one is due and the writer's lane will
+        not carry it (``busy``: that lane asks ``_ride_read`` again)."""
+        if self._lane.busy:
+            return []
+        return self._read(block=True)
+
+    def _ride_read(self, going: bool) -> list[Batch]:
+        """The writer's lane: a read due rides on a round trip that goes anyway; when none
+        goes, the reader's lane takes it."""
+        if not going:
+            if self._read_due:
+                self._inbox_lane.wake()
+            return []
+        return self._read(block=False)
+
+    def _read(self, block: bool) -> list[Batch]:
         """The next read, when one is due; the acknowledgement of the previous read's
         entries (delivered to their sessions' outboxes by then) travels in the same round
         trip, before it."""
@@ -599,7 +621,8 @@ class RedisBackplane(LoopBound):
             return []
         self._read_due = False
         read = [b"XREADGROUP", b"GROUP", keys.GROUP, keys.CONSUMER, b"COUNT", b"%d" % self._count,
-                b"BLOCK", b"%d" % self._block, b"STREAMS", self.inbox, b">"]
+                *((b"BLOCK", b"%d" % self._block) if block else ()), b"STREAMS", self.inbox,
+                b">"]
         ids = self._unacked
         if not ids:
             return [([read], functools.partial(self._on_read, False))]

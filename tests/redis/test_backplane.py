@@ -225,6 +225,33 @@ def _parked(conn: str) -> str:
     return f"~|{conn}|{int(time.time() * 1000) + 60_000}"
 
 
+async def test_reads_ride_a_busy_writer_lane_and_keep_their_order(make_bp: Any) -> None:
+    a, _ = await make_bp("A")
+    b, inbox_b = await make_bp("B")
+    assert await b.route("nobody", None, None, b"", 1, 1) == 0  # loads the script
+    busy = True
+
+    async def routing() -> None:  # B's writer lane always has a round trip out
+        while busy:
+            assert await b.route("nobody", None, None, b"", 1, 1) == 0
+
+    task = asyncio.create_task(routing())
+    await asyncio.sleep(0.05)
+    reads_before, writes_before = b._inbox_lane.round_trips, b._lane.round_trips
+    envs = [Envelope("deliver", "u", ("d",), b"%d" % i) for i in range(100)]
+    for env in envs:
+        assert await a.send("B", env)
+    assert await inbox_b.wait_for(100) == envs
+    busy = False
+    await task
+    # the reads went with B's route round trips, not on the reader's own connection
+    assert b._lane.round_trips - writes_before >= 50
+    assert b._inbox_lane.round_trips - reads_before <= 10
+    # and with the writer's lane idle again, a blocking read serves the inbox
+    assert await a.send("B", Envelope("deliver", "u", ("d",), b"idle"))
+    assert (await inbox_b.wait_for(101))[-1].frame == b"idle"
+
+
 async def test_route_queues_to_every_remote_worker_in_one_step(make_bp: Any, redis: Any) -> None:
     a, _ = await make_bp("A")
     _, inbox_b = await make_bp("B")

@@ -241,3 +241,44 @@ async def test_a_failed_round_trip_reaches_the_sources_batches() -> None:
     assert len(batcher.results) == 1 and isinstance(batcher.results[0], Exception)
     await lane.close()
     await dead.aclose()
+
+
+class _Rider:
+    """Has a batch due that only rides along (``Lane.add_rider``)."""
+
+    def __init__(self, lane: Lane) -> None:
+        self.due: list[list[Any]] = []
+        self.asked: list[bool] = []
+        self.results: list[Any] = []
+        lane.add_rider(self.ride)
+
+    def ride(self, going: bool) -> list[Batch]:
+        self.asked.append(going)
+        if not going or not self.due:
+            return []
+        batch, self.due = self.due, []
+        return [(batch, self.results.append)]
+
+
+async def test_a_riders_batch_goes_only_with_a_round_trip_that_goes_anyway(
+    redis_url: str,
+) -> None:
+    redis = make_client(redis_url, timeout=2.0)
+    lane = Lane(redis)
+    rider = _Rider(lane)
+    rider.due = [["INCR", "lane-r"]]
+    lane.wake()
+    await asyncio.sleep(0.01)
+    # asked, told nothing goes: its batch stays due, no round trip for it alone
+    assert rider.asked == [False] and rider.due and lane.round_trips == 0
+    assert not lane.busy
+    direct = lane.execute([["INCR", "lane-d"]])
+    assert lane.busy  # until the lane looks for work, and while the round trip is out
+    assert await direct == [1]
+    assert rider.results == [[1]]  # after the sources' batches, in the same round trip
+    assert lane.round_trips == 1 and rider.asked[1] is True
+    await asyncio.sleep(0.01)
+    assert not lane.busy and rider.asked[-1] is False  # asked again once it came back
+    await lane.close()
+    await redis.delete("lane-r", "lane-d")
+    await redis.aclose()
