@@ -27,6 +27,14 @@ lease (the user is undercharged never, overcharged by at most what it sent in th
 LEASE_S, and never by more than LEASE_SHARE of the limit).  With a limit too low for a
 lease of two slots (the default 100/second gives 5) every message is counted exactly as
 it comes.
+
+A lease is renewed ahead: when half of it is spent or half of its time gone, the next
+tick's call also takes what the user spent meanwhile, and the slots left join the new
+lease (the sum within the cap, so a worker still holds at most LEASE_SHARE of the limit
+for a user, and a window still sees at most that beyond the limit).  A steady sender's
+messages then never wait for an acquisition (before, one in four did at two messages a
+second: the one that found its lease spent or lapsed, and went the slow way, two round
+trips).  A renewal refused at the limit is not tried again with that lease.
 """
 
 from __future__ import annotations
@@ -117,11 +125,13 @@ class RedisLimiter(LoopBound):
         self._closed = False
         period = self._item.get_expiry()
         self._lease_cap = int(self._item.amount * LEASE_SHARE)
-        # user -> [slots left, lapses at (monotonic), messages counted since it was taken]
+        # user -> [slots left, lapses at (monotonic), messages counted since it was taken
+        # or renewed, 1 while a renewal is due or out (or was refused)]
         self._leases: dict[str, list[float]] = {}
         self._keys: dict[str, str] = {}  # user -> limits' key (see ``_key``)
         self._lease_sweep = time.monotonic() + period
         self.acquisitions = 0  # pipelines sent (tests and benchmarks read it)
+        self.waited = 0  # messages that waited for one (not spent from a lease)
 
     @property
     def limit(self) -> int:
@@ -133,10 +143,18 @@ class RedisLimiter(LoopBound):
 
     def leased(self, user: str) -> bool:
         lease = self._leases.get(user)
-        if lease is not None and lease[0] > 0 and time.monotonic() < lease[1]:
-            lease[0] -= 1
-            lease[2] += 1
-            return True
+        if lease is not None and lease[0] > 0:
+            now = time.monotonic()
+            if now < lease[1]:
+                lease[0] -= 1
+                lease[2] += 1
+                # half of it spent, or of its time gone: renewed ahead (a message that
+                # found it empty or lapsed would wait for an acquisition, two round trips)
+                if not lease[3] and (lease[0] <= lease[2] or now > lease[1] - LEASE_S / 2):
+                    lease[3] = 1
+                    self._pending.setdefault(user, [])
+                    self._lane.wake()
+                return True
         return False
 
     def admit(self, user: str) -> Admission:
@@ -146,6 +164,7 @@ class RedisLimiter(LoopBound):
         if self._closed:
             fut.set_exception(ConnectionError("rate limiter closed"))
             return fut
+        self.waited += 1
         self._pending.setdefault(user, []).append(fut)
         self._lane.wake()
         return fut
@@ -166,14 +185,17 @@ class RedisLimiter(LoopBound):
 
     def _lease_size(self, user: str, now: float) -> int:
         """Slots to take ahead for ``user``: a sender that used up its lease gets twice
-        what it spent; one whose lease lapsed a moment ago gets what it spent (its pace);
-        everyone else none."""
+        what it spent; one renewing a lease it holds, what it spent (its pace); one whose
+        lease lapsed a moment ago, what it spent; everyone else none.  What a user holds
+        stays within the cap."""
         lease = self._leases.get(user)
         if self._lease_cap < 2 or lease is None:
             return 0
         spent = int(lease[2])
-        if now < lease[1]:  # back before it lapsed: it is all spent
-            return min(self._lease_cap, max(2, 2 * spent))
+        if now < lease[1]:
+            held = int(lease[0])
+            want = max(2, spent if held else 2 * spent)
+            return max(0, min(self._lease_cap - held, want))
         if now < lease[1] + LEASE_S:
             return min(self._lease_cap, spent)
         return 0
@@ -191,6 +213,14 @@ class RedisLimiter(LoopBound):
             self._leases = {u: v for u, v in self._leases.items() if v[1] > now - LEASE_S}
             self._lease_sweep = now + self._item.get_expiry()
         extra = {user: self._lease_size(user, now) for user in batch}
+        for user in [u for u, futs in batch.items() if not futs and extra[u] < 2]:
+            # a renewal with no room left under the cap: none now, maybe with a later message
+            del batch[user]
+            lease = self._leases.get(user)
+            if lease is not None:
+                lease[3] = 0
+        if not batch:
+            return []
         keys = [self._key(user) for user in batch]
         amounts = [len(futs) + extra[user] for user, futs in batch.items()]
         args = [time.time(), self._item.amount, self._item.get_expiry(), *amounts]
@@ -217,11 +247,18 @@ class RedisLimiter(LoopBound):
                     if not fut.done():
                         fut.set_result(None)
                 if self._lease_cap >= 2:
-                    # a lease of ``extra`` slots (maybe none): its use sizes the next one
-                    self._leases[user] = [extra[user], now + LEASE_S, len(futs)]
-            else:
+                    # a lease of ``extra`` slots (maybe none) and what is left of the one
+                    # held (``_lease_size`` kept the sum within the cap, and slots are only
+                    # spent from it meanwhile): its use sizes the next one
+                    old = self._leases.get(user)
+                    held = int(old[0]) if old is not None and now < old[1] else 0
+                    self._leases[user] = [min(self._lease_cap, held + extra[user]), now + LEASE_S,
+                                          len(futs), 0]
+            elif futs:
                 self._leases.pop(user, None)
                 refused.append((user, futs))
+            # a renewal refused (the user is at its limit): the lease it holds runs out,
+            # and is not renewed again (its flag stays set)
         if refused:
             task = self.running_loop().create_task(self._refused(refused))
             self._flushing.add(task)
