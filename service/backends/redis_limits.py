@@ -20,8 +20,9 @@ Leases, for steady senders under a high limit: when a user came back for more wi
 lease period, the next acquisition takes as many more slots as the user used in that
 period (at most LEASE_SHARE of the limit) and this worker spends them locally for
 LEASE_S seconds, without asking Redis.  Every slot is still counted in Redis before it is
-spent.  A slot counted at its acquisition may be spent up to LEASE_S later, and a worker
-holds one lease per user at a time, so any one window sees at most one lease
+spent.  A slot counted at its acquisition may be spent up to LEASE_S later (later still
+when a renewal carries it over, below), and a worker holds at most one lease's worth per
+user at a time, so any one window sees at most one lease
 (LEASE_SHARE of the limit) per worker beyond the limit; unspent slots lapse with the
 lease (the user is undercharged never, overcharged by at most what it sent in the last
 LEASE_S, and never by more than LEASE_SHARE of the limit).  With a limit too low for a
