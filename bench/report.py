@@ -3,12 +3,17 @@ before/after comparison of two of them.
 
     .venv/bin/python -m bench.report bench/results/<run>/results.json      # print the tables
     .venv/bin/python -m bench.report --compare BEFORE.json AFTER.json      # ratios
+
+With ``bench.run --repeat N`` each server runs N times per connection count or rate,
+interleaved with the servers it is compared to; :func:`summary` and :func:`ratios` reduce
+those runs to medians, and the Markdown opens with our server's ratios to its peers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +26,18 @@ TITLES = {
     "idle": "4. Idle memory per connection (10,000 connections, before any message)",
     "100k": "5. Holding 100,000 connections",
 }
+
+# scenario -> (ours, peer) pairs of the side-by-side ratios
+PAIRS: dict[str, list[tuple[str, str]]] = {
+    "relay": [("signaling-memory", "peerjs"), ("signaling-redis", "peerjs")],
+    "cross": [("signaling-redis-x2", "socketio-redis-x2")],
+    "latency": [("signaling-redis-x2", "socketio-redis-x2")],
+}
+# the figure compared per scenario: throughput in the closed loop; at a fixed offered
+# rate both deliver the same, so the tail latency is what differs
+RATIO_METRIC = {"relay": "msgs_per_s", "cross": "msgs_per_s", "latency": "p99_ms"}
+
+Key = tuple[Any, ...]
 
 
 def _f(v: Any, nd: int = 1) -> str:
@@ -61,10 +78,131 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(result: dict[str, Any]) -> str:
+def _key(r: dict[str, Any]) -> Key:
+    return (r["scenario"], r["server"], r["connections"], r.get("offered_rate"))
+
+
+def _groups(rows: Iterable[dict[str, Any]]) -> dict[Key, list[dict[str, Any]]]:
+    """Rows without a failure by (scenario, server, connections, rate), in run order."""
+    out: dict[Key, list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r.get("failure"):
+            out.setdefault(_key(r), []).append(r)
+    return out
+
+
+def _median(rows: list[dict[str, Any]], field: str) -> float | None:
+    values = [r[field] for r in rows if r.get(field) is not None]
+    return statistics.median(values) if values else None
+
+
+def summary(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (scenario, server, connections, offered_rate): the number of runs,
+    median/min/max msg/s, median CPU-s per 1k and p99, and the messages lost in all."""
+    out = []
+    for (scenario, server, conns, rate), group in _groups(rows).items():
+        tp = [r["msgs_per_s"] for r in group if r.get("msgs_per_s") is not None]
+        out.append({
+            "scenario": scenario, "server": server, "connections": conns,
+            "offered_rate": rate, "n": len(group),
+            "msgs_per_s_median": statistics.median(tp) if tp else None,
+            "msgs_per_s_min": min(tp, default=None), "msgs_per_s_max": max(tp, default=None),
+            "cpu_s_per_1k_median": _median(group, "cpu_s_per_1k"),
+            "p99_ms_median": _median(group, "p99_ms"),
+            "lost": sum(r.get("lost") or 0 for r in group),
+        })
+    return out
+
+
+def _div(x: float | None, y: float | None) -> float | None:
+    return x / y if x is not None and y else None
+
+
+def _per_run(ours: list[dict[str, Any]], peer: list[dict[str, Any]],
+             metric: str) -> tuple[float, float] | None:
+    """Min and max of the ratios of runs with the same repeat number — the servers ran
+    back to back there, so each ratio saw the same state of the machine."""
+    by_repeat = {r["repeat"]: r for r in peer if r.get("repeat") is not None}
+    runs = [_div(r.get(metric), by_repeat[r["repeat"]].get(metric)) for r in ours
+            if r.get("repeat") in by_repeat]
+    values = [v for v in runs if v is not None]
+    return (min(values), max(values)) if len(values) >= 2 else None
+
+
+def ratios(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours / peer for each pair of PAIRS at each connection count (or rate) both ran at:
+    the ratio of the medians (msg/s; p99 for latency), of CPU-s per 1k, and the range of
+    the per-run ratios when there are two interleaved runs or more."""
+    rows = list(rows)
+    groups = _groups(rows)
+    medians = {_key(s): s for s in summary(rows)}
+    out = []
+    for scen, pairs in PAIRS.items():
+        metric = RATIO_METRIC[scen]
+        for ours, peer in pairs:
+            points = sorted({k[2:] for k in groups if k[:2] == (scen, ours)}
+                            & {k[2:] for k in groups if k[:2] == (scen, peer)},
+                            key=lambda p: (p[0], p[1] or 0.0))
+            for conns, rate in points:
+                a, b = (medians[(scen, s, conns, rate)] for s in (ours, peer))
+                out.append({
+                    "scenario": scen, "ours": ours, "peer": peer, "connections": conns,
+                    "offered_rate": rate, "runs": min(a["n"], b["n"]), "metric": metric,
+                    "ratio": _div(a[f"{metric}_median"], b[f"{metric}_median"]),
+                    "cpu_ratio": _div(a["cpu_s_per_1k_median"], b["cpu_s_per_1k_median"]),
+                    "range": _per_run(groups[(scen, ours, conns, rate)],
+                                      groups[(scen, peer, conns, rate)], metric),
+                })
+    return out
+
+
+def _times(v: float | None) -> str:
+    return "–" if v is None else f"×{v:.2f}"
+
+
+def _side_by_side(rows: list[dict[str, Any]]) -> list[str]:
+    """The section of our server's ratios to its peers (empty when no pair ran)."""
+    pairs = ratios(rows)
+    if not pairs:
+        return []
+    runs = sorted({p["runs"] for p in pairs})  # more than one value when runs failed
+    n = str(runs[0]) if len(runs) == 1 else f"{runs[0]}–{runs[-1]}"
+    title = "one run each" if runs == [1] else f"medians of {n} interleaved runs"
+    lines = []
+    for p in pairs:
+        ratio = _times(p["ratio"])
+        where = _f(p["connections"])
+        if p["metric"] == "p99_ms":
+            ratio = "p99 " + ratio
+            where += " / " + _f(p["offered_rate"])
+        lo_hi = p["range"]
+        lines.append([p["scenario"], f"{p['ours']} vs {p['peer']}", where, str(p["runs"]),
+                      ratio, f"{lo_hi[0]:.2f}–{lo_hi[1]:.2f}" if lo_hi else "–",
+                      _times(p["cpu_ratio"])])
+    return ["", f"## Side by side ({title})", "",
+            "Ours / peer, from the medians of each server's runs: msg/s in the closed loop "
+            "(above 1: ours relays more), p99 at a fixed offered rate (below 1: ours is "
+            "faster), CPU-s per 1k messages (below 1: ours spends less).  Per-run range: "
+            "the lowest and highest ratio of runs made back to back.", "",
+            _table(["scenario", "ours vs peer", "connections / offered msg/s", "runs",
+                    "throughput ratio", "per-run range", "CPU-s per 1k ratio"], lines)]
+
+
+def _has_repeats(rows: list[dict[str, Any]]) -> bool:
+    """True when some server ran more than once at one connection count or rate."""
+    keys = [_key(r) for r in rows]
+    return len(set(keys)) < len(keys)
+
+
+def _who(r: dict[str, Any], repeats: bool) -> list[str]:
+    """The server cell, and the run number when there are repeats."""
+    return [r["server"], str(r.get("repeat", 0) + 1)] if repeats else [r["server"]]
+
+
+def _header(result: dict[str, Any]) -> list[str]:
     rows: list[dict[str, Any]] = result["rows"]
     m = result.get("machine", {})
-    out = [
+    return [
         "# Benchmark results",
         "",
         f"{result.get('created', '')} — commit `{str(m.get('git_commit', ''))[:12]}`"
@@ -78,15 +216,20 @@ def markdown(result: dict[str, Any]) -> str:
         "window / delivered messages × 1000.  Loss = sent − delivered after the drain "
         "(error frames in parentheses).  Latency is one-way, sender to receiver.",
     ]
-    base = ["server", "connections", "msg/s", "CPU-s per 1k msgs", "p50/p99/p99.9 ms", "loss",
-            "RSS/conn KB"]
+
+
+def _run_tables(rows: list[dict[str, Any]], repeats: bool) -> list[str]:
+    """Scenarios 1-3, one line per run."""
+    who = ["server", "run"] if repeats else ["server"]
+    out: list[str] = []
     for scen in ("relay", "cross"):
         sel = [r for r in rows if r["scenario"] == scen]
         if not sel:
             continue
         out += ["", f"## {TITLES[scen]}", "", _table(
-            [*base, "server CPU %", "gen CPU %", "server syscalls/msg (read/write)"],
-            ([r["server"], _f(r["connections"]), _f(r.get("msgs_per_s")),
+            [*who, "connections", "msg/s", "CPU-s per 1k msgs", "p50/p99/p99.9 ms", "loss",
+             "RSS/conn KB", "server CPU %", "gen CPU %", "server syscalls/msg (read/write)"],
+            ([*_who(r, repeats), _f(r["connections"]), _f(r.get("msgs_per_s")),
               _f(r.get("cpu_s_per_1k"), 3), _lat(r), _loss(r), _f(r.get("rss_per_conn_kb")),
               _f((r.get("server_cpu_pct") or 0) + (r.get("redis_cpu_pct") or 0))
               if "server_cpu_pct" in r else "–", _f(r.get("gen_cpu_pct")), _calls(r)]
@@ -95,36 +238,50 @@ def markdown(result: dict[str, Any]) -> str:
     sel = [r for r in rows if r["scenario"] == "latency"]
     if sel:
         out += ["", f"## {TITLES['latency']}", "", _table(
-            ["server", "connections", "offered msg/s", "msg/s", "CPU-s per 1k msgs",
+            [*who, "connections", "offered msg/s", "msg/s", "CPU-s per 1k msgs",
              "p50/p99/p99.9 ms", "loss", "RSS/conn KB"],
-            ([r["server"], _f(r["connections"]), _f(r.get("offered_rate")),
+            ([*_who(r, repeats), _f(r["connections"]), _f(r.get("offered_rate")),
               _f(r.get("msgs_per_s")), _f(r.get("cpu_s_per_1k"), 3), _lat(r), _loss(r),
               _f(r.get("rss_per_conn_kb"))] for r in sel),
         )]
+    return out
+
+
+def _idle_table(rows: list[dict[str, Any]], repeats: bool) -> list[str]:
     sel = [r for r in rows if r["scenario"] in ("relay", "cross") and r["connections"] >= 10000
            and "rss_idle_kb" in r]
-    if sel:
-        out += ["", f"## {TITLES['idle']}", "", _table(
-            ["server", "instances", "connections", "RSS before MB", "RSS idle MB",
-             "RSS/conn KB", "idle CPU % (server+redis)"],
-            ([r["server"], _f(r.get("instances")), _f(r.get("connected")),
-              _f(r["rss_before_kb"] / 1024), _f(r["rss_idle_kb"] / 1024),
-              _f(r.get("rss_per_conn_kb")), _f(r.get("idle_cpu_pct"))] for r in sel),
-        )]
+    if not sel:
+        return []
+    return ["", f"## {TITLES['idle']}", "", _table(
+        [*(["server", "run"] if repeats else ["server"]), "instances", "connections",
+         "RSS before MB", "RSS idle MB", "RSS/conn KB", "idle CPU % (server+redis)"],
+        ([*_who(r, repeats), _f(r.get("instances")), _f(r.get("connected")),
+          _f(r["rss_before_kb"] / 1024), _f(r["rss_idle_kb"] / 1024),
+          _f(r.get("rss_per_conn_kb")), _f(r.get("idle_cpu_pct"))] for r in sel),
+    )]
+
+
+def _hold_table(rows: list[dict[str, Any]]) -> list[str]:
     sel = [r for r in rows if r["scenario"] == "100k"]
-    if sel:
-        out += ["", f"## {TITLES['100k']}", "", _table(
-            ["server", "workers", "connections", "held", "dropped", "connect s",
-             "idle CPU % (server+redis)", "RSS/conn KB", "presence online", "max fds/process"],
-            ([r["server"], _f(r.get("workers")), _f(r["connections"]), _f(r.get("held")),
-              _f(r.get("dropped")) if "failure" not in r else "FAILED", _f(r.get("connect_s")),
-              _f(r.get("idle_cpu_pct")), _f(r.get("rss_per_conn_kb")),
-              f"{r.get('presence_online', '–')}/{r.get('presence_checked', '–')}",
-              _f(max(r.get("fds_per_worker") or [0]))] for r in sel),
-        )]
+    if not sel:
+        return []
+    return ["", f"## {TITLES['100k']}", "", _table(
+        ["server", "workers", "connections", "held", "dropped", "connect s",
+         "idle CPU % (server+redis)", "RSS/conn KB", "presence online", "max fds/process"],
+        ([r["server"], _f(r.get("workers")), _f(r["connections"]), _f(r.get("held")),
+          _f(r.get("dropped")) if "failure" not in r else "FAILED", _f(r.get("connect_s")),
+          _f(r.get("idle_cpu_pct")), _f(r.get("rss_per_conn_kb")),
+          f"{r.get('presence_online', '–')}/{r.get('presence_checked', '–')}",
+          _f(max(r.get("fds_per_worker") or [0]))] for r in sel),
+    )]
+
+
+def _notes(rows: list[dict[str, Any]], repeats: bool) -> list[str]:
     notes = []
     for r in rows:
         what = f"{r['scenario']} {r['server']} {r['connections']}"
+        if repeats and "repeat" in r:
+            what += f" run {r['repeat'] + 1}"
         if r.get("failure"):
             notes.append(f"- {what}: **failed** — {r['failure']}")
         if r.get("connect_failed"):
@@ -140,18 +297,44 @@ def markdown(result: dict[str, Any]) -> str:
         if r.get("server_log_errors"):
             notes.append(f"- {what}: server log: `{r['server_log_errors'][0][:160]}` "
                          f"({len(r['server_log_errors'])} lines)")
-    if notes:
-        out += ["", "## Notes", "", *notes]
+    return ["", "## Notes", "", *notes] if notes else []
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows: list[dict[str, Any]] = result["rows"]
+    repeats = _has_repeats(rows)
+    out = [*_header(result), *_side_by_side(rows), *_run_tables(rows, repeats),
+           *_idle_table(rows, repeats), *_hold_table(rows), *_notes(rows, repeats)]
     return "\n".join(out) + "\n"
+
+
+PLOTTED = ("msgs_per_s", "cpu_s_per_1k", "p50_ms", "p99_ms", "p999_ms")
+
+
+def _median_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (scenario, server, connections, rate) with the median of each plotted
+    figure, so repeated runs give one bar or point each."""
+    out = []
+    for group in _groups(rows).values():
+        row = {k: group[0][k] for k in ("scenario", "server", "connections")}
+        row["offered_rate"] = group[0].get("offered_rate")
+        row.update({k: _median(group, k) for k in PLOTTED})
+        out.append(row)
+    return out
 
 
 def plots(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    rows = _median_rows(result["rows"])
+    _plot_throughput(rows, out)
+    _plot_latency(rows, out)
+
+
+def _plot_throughput(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if not r.get("failure")]
     tp = [r for r in rows if r["scenario"] in ("relay", "cross") and r.get("msgs_per_s")]
     if tp:
         labels = sorted({f"{r['server']}" for r in tp}, key=lambda s: (
@@ -179,6 +362,11 @@ def plots(result: dict[str, Any], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "throughput.png", dpi=110)
         plt.close(fig)
+
+
+def _plot_latency(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
     lat = [r for r in rows if r["scenario"] == "latency" and r.get("p50_ms") is not None]
     if lat:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -199,22 +387,24 @@ def plots(result: dict[str, Any], out: Path) -> None:
         plt.close(fig)
 
 
-def _key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (r["scenario"], r["server"], r["connections"], r.get("offered_rate"))
-
-
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """Rows of A and B matched by (scenario, server, connections, rate): B/A ratios."""
-    before = {_key(r): r for r in a["rows"]}
+    """Rows of A and B matched by (scenario, server, connections, rate) and the run number
+    where both have it (else B's runs against A's first): B/A ratios."""
+    first: dict[Key, dict[str, Any]] = {}
+    same_run: dict[Key, dict[str, Any]] = {}
+    for r in a["rows"]:
+        first.setdefault(_key(r), r)
+        same_run.setdefault((*_key(r), r.get("repeat")), r)
+    repeats = _has_repeats(b["rows"])
     metrics = [("msgs_per_s", "msg/s"), ("cpu_s_per_1k", "CPU/1k"), ("p50_ms", "p50"),
                ("p99_ms", "p99"), ("rss_per_conn_kb", "RSS/conn"), ("lost", "lost")]
     rows = []
     for r in b["rows"]:
-        o = before.get(_key(r))
+        o = same_run.get((*_key(r), r.get("repeat"))) or first.get(_key(r))
         if o is None:
             continue
         cells = [r["scenario"], r["server"], _f(r["connections"]),
-                 _f(r.get("offered_rate"))]
+                 _f(r.get("offered_rate")), *([str(r.get("repeat", 0) + 1)] if repeats else [])]
         for k, _ in metrics:
             x, y = o.get(k), r.get(k)
             if x is None or y is None:
@@ -228,8 +418,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     ca = str(a.get("machine", {}).get("git_commit", ""))[:10]
     cb = str(b.get("machine", {}).get("git_commit", ""))[:10]
     head = f"Before `{ca}` → after `{cb}` (ratio after/before)\n\n"
-    return head + _table(["scenario", "server", "conns", "rate", *[m[1] for m in metrics]],
-                         rows) + "\n"
+    head_cells = ["scenario", "server", "conns", "rate", *(["run"] if repeats else [])]
+    return head + _table([*head_cells, *[m[1] for m in metrics]], rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

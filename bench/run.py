@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --quick      # a short run (~3 min)
     .venv/bin/python -m bench.run --100k       # scenario 5 only: hold 100,000 connections
     .venv/bin/python -m bench.run --only relay --servers signaling-memory --conns 100
+    .venv/bin/python -m bench.run --only cross --conns 2000 --repeat 5   # medians of 5
 
 Scenarios (bench/README.md has the details):
 
@@ -149,6 +150,7 @@ class Bench:
         rate: float = 0.0,
         idle_s: float = 0.0,
         procs: int | None = None,
+        repeat: int = 0,
     ) -> dict[str, Any]:
         a = self.args
         window = a.window or (4 if conns <= 100 else 2 if conns <= 1000 else 1)
@@ -157,9 +159,11 @@ class Bench:
             "mode": mode, "window": window if mode == "closed" else None,
             "offered_rate": rate if mode == "rate" else None,
             "duration_s": a.duration, "warmup_s": a.warmup, "pinned": self.pin,
+            "repeat": repeat,
         }
         log(f"{scenario}: {label}, {conns} connections, {mode}"
-            + (f" {rate:g} msg/s" if mode == "rate" else f" window {window}"))
+            + (f" {rate:g} msg/s" if mode == "rate" else f" window {window}")
+            + (f", run {repeat + 1}/{a.repeat}" if a.repeat > 1 else ""))
         srv = starter(self.server_cpus)
         gen: LoadGen | None = None
         try:
@@ -255,13 +259,18 @@ class Bench:
     ) -> None:
         servers = {**servers, **{k: v for k, v in on_request.items()
                                  if k in (self.args.servers or ())}}
-        for label in self.args.servers or servers:
-            if label not in servers:
-                continue
-            proto, starter = servers[label]
-            for n in self.args.conns:
+        labels = [label for label in self.args.servers or servers if label in servers]
+        for n in self.args.conns:
+            for r, label in self._interleaved(labels):
+                proto, starter = servers[label]
                 self.one(scenario, label, proto, starter, n,
-                         idle_s=self.args.idle if n >= 10000 else 0.0)
+                         idle_s=self.args.idle if n >= 10000 else 0.0, repeat=r)
+
+    def _interleaved(self, labels: list[str]) -> list[tuple[int, str]]:
+        """(repeat, label) for one connection count or rate: the compared servers run back
+        to back, alternating on each repeat, so a slow spell of the machine hits all of
+        them alike instead of the one that happened to run in it."""
+        return [(r, label) for r in range(self.args.repeat) for label in labels]
 
     def relay(self) -> None:
         self._closed_loop("relay", SINGLE, NOACK_SINGLE)
@@ -271,13 +280,12 @@ class Bench:
 
     def latency(self) -> None:
         servers = {**CROSS, **NOACK_CROSS}
-        for label in self.args.servers or CROSS:
-            if label not in servers:
-                continue
-            proto, starter = servers[label]
-            for rate in self.args.rates:
+        labels = [label for label in self.args.servers or CROSS if label in servers]
+        for rate in self.args.rates:
+            for r, label in self._interleaved(labels):
+                proto, starter = servers[label]
                 self.one("latency", label, proto, starter, self.args.latency_conns,
-                         mode="rate", rate=rate)
+                         mode="rate", rate=rate, repeat=r)
 
     def hold_100k(self) -> None:
         """Scenario 5: our server, several workers on Redis, holds N connections."""
@@ -364,6 +372,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rates", type=float, nargs="+", help="offered msg/s (3)")
     ap.add_argument("--latency-conns", type=int, default=1000)
     ap.add_argument("--duration", type=float, help="measured seconds per run")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of each server at each connection count or rate (1, 2, 3); "
+                         "the servers alternate run by run, and the report's side-by-side "
+                         "ratios use the medians")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--drain", type=float, default=20.0,
                     help="longest wait for in-flight messages after sending stops")
@@ -384,6 +396,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--presence-sample", type=int, default=200)
     ap.add_argument("--out", help="results directory (default bench/results/<timestamp>)")
     a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if a.conns is None:
         a.conns = [100, 2000] if a.quick else [100, 2000, 10000]
     if a.rates is None:

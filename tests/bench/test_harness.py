@@ -1,6 +1,7 @@
 """Smoke test of the benchmark load generator (bench/loadgen.py): ~20 picows connections
 against one real server process on the in-process backplane for ~2 s; every message sent
-must arrive.  No npm, no peers."""
+must arrive.  No npm, no peers.  At the end, fast unit tests of bench/run.py's run order and
+bench/report.py's medians and side-by-side ratios, on synthetic rows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gc
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +138,171 @@ def test_the_python_floor_relays_the_peerjs_wire_without_loss() -> None:
     assert st.delivered > 0
     assert st.lost == 0, (st.sent, st.delivered, st.errors)
     assert st.out_of_order == 0
+
+
+# -- bench/run.py's run order and bench/report.py's medians (synthetic rows, no servers)
+
+
+def _row(scen: str, server: str, repeat: int, msgs: float, cpu: float, p99: float,
+         conns: int = 100, rate: float | None = None) -> dict[str, Any]:
+    return {"scenario": scen, "server": server, "connections": conns, "offered_rate": rate,
+            "repeat": repeat, "msgs_per_s": msgs, "cpu_s_per_1k": cpu, "p99_ms": p99,
+            "p50_ms": p99 / 2, "p999_ms": p99 * 2, "lost": repeat, "sent": 1000}
+
+
+def _repeated() -> list[dict[str, Any]]:
+    """Three interleaved runs of ours and the peer in relay and latency; each series has
+    one outlier, so its mean and its median differ."""
+    rows = []
+    for r, (ours, peer) in enumerate([(1000.0, 800.0), (1300.0, 1000.0), (4000.0, 1100.0)]):
+        rows += [_row("relay", "signaling-memory", r, ours, [0.5, 0.4, 0.1][r], 9.0),
+                 _row("relay", "peerjs", r, peer, [0.8, 0.8, 2.0][r], 9.0)]
+    for r, (ours, peer) in enumerate([(2.0, 4.0), (3.0, 5.0), (30.0, 6.0)]):
+        rows += [_row("latency", server, r, 1000.0, 0.3, p99, conns=400, rate=1000.0)
+                 for server, p99 in (("signaling-redis-x2", ours),
+                                     ("socketio-redis-x2", peer))]
+    return rows
+
+
+def test_summary_takes_medians_of_the_runs() -> None:
+    from bench import report
+
+    groups = {(s["scenario"], s["server"]): s for s in report.summary(_repeated())}
+    ours = groups[("relay", "signaling-memory")]
+    assert ours["n"] == 3
+    assert ours["msgs_per_s_median"] == 1300.0  # the mean would be 2100
+    assert (ours["msgs_per_s_min"], ours["msgs_per_s_max"]) == (1000.0, 4000.0)
+    assert ours["cpu_s_per_1k_median"] == 0.4
+    assert ours["lost"] == 0 + 1 + 2
+    assert groups[("latency", "signaling-redis-x2")]["p99_ms_median"] == 3.0
+
+
+def test_summary_leaves_out_failed_runs() -> None:
+    from bench import report
+
+    rows = [*_repeated(), {"scenario": "relay", "server": "peerjs", "connections": 100,
+                           "offered_rate": None, "repeat": 3, "failure": "RuntimeError: x"}]
+    peer = next(s for s in report.summary(rows) if s["server"] == "peerjs")
+    assert peer["n"] == 3
+
+
+def test_ratios_of_medians_and_per_run_range_by_repeat() -> None:
+    from bench import report
+
+    relay, latency = report.ratios(_repeated())
+    assert (relay["scenario"], relay["ours"], relay["peer"]) == (
+        "relay", "signaling-memory", "peerjs")
+    assert relay["runs"] == 3 and relay["connections"] == 100
+    assert relay["ratio"] == pytest.approx(1300 / 1000)  # means: 2100 / 966.7
+    assert relay["cpu_ratio"] == pytest.approx(0.4 / 0.8)
+    # same repeat paired: 1000/800, 1300/1000, 4000/1100 (not e.g. 1000/1100)
+    assert relay["range"] == pytest.approx((1.25, 4000 / 1100))
+    assert latency["metric"] == "p99_ms" and latency["offered_rate"] == 1000.0
+    assert latency["ratio"] == pytest.approx(3 / 5)
+    assert latency["range"] == pytest.approx((2 / 4, 30 / 6))
+
+
+def test_ratios_with_one_run_each_have_no_range() -> None:
+    from bench import report
+
+    (relay, _) = report.ratios([r for r in _repeated() if r["repeat"] == 0])
+    assert relay["runs"] == 1 and relay["range"] is None
+    assert relay["ratio"] == pytest.approx(1000 / 800)
+    assert report.ratios([r for r in _repeated() if r["server"] != "peerjs"
+                          and r["scenario"] == "relay"]) == []
+
+
+def test_markdown_with_one_run_each_keeps_the_tables() -> None:
+    from bench import report
+
+    md = report.markdown({"rows": [r for r in _repeated() if r["repeat"] == 0]})
+    assert "| server | connections | msg/s |" in md
+    assert "| server | connections | offered msg/s |" in md
+    assert "| run |" not in md
+    assert "## Side by side (one run each)" in md
+    assert md.index("## Side by side") < md.index("## 1. Relay throughput")
+    assert "| relay | signaling-memory vs peerjs | 100 | 1 | ×1.25 | – | ×0.62 |" in md
+
+
+def test_markdown_with_repeats_has_a_run_column_and_the_medians() -> None:
+    from bench import report
+
+    md = report.markdown({"rows": _repeated()})
+    assert "| server | run | connections | msg/s |" in md
+    assert "| server | run | connections | offered msg/s |" in md
+    assert "| peerjs | 3 | 100 | 1,100 |" in md
+    assert "## Side by side (medians of 3 interleaved runs)" in md
+    assert "| relay | signaling-memory vs peerjs | 100 | 3 | ×1.30 | 1.25–3.64 | ×0.50 |" in md
+    assert ("| latency | signaling-redis-x2 vs socketio-redis-x2 | 400 / 1,000 | 3 "
+            "| p99 ×0.60 | 0.50–5.00 | ×1.00 |") in md
+
+
+def test_markdown_without_pairs_has_no_side_by_side() -> None:
+    from bench import report
+
+    md = report.markdown({"rows": [r for r in _repeated() if r["server"] == "peerjs"]})
+    assert "Side by side" not in md
+
+
+def test_compare_and_plots_take_repeated_rows(tmp_path: Path) -> None:
+    from bench import report
+
+    before = {"rows": [r for r in _repeated() if r["repeat"] == 0]}
+    after = {"rows": _repeated()}
+    text = report.compare(before, after)
+    assert "| relay | peerjs | 100 | – | 3 | 800 → 1,100 (×1.38) |" in text  # first run of A
+    again = report.compare(after, after)
+    assert "| relay | peerjs | 100 | – | 3 | 1,100 → 1,100 (×1.00) |" in again  # same run
+    report.plots(after, tmp_path)
+    assert (tmp_path / "throughput.png").exists() and (tmp_path / "latency.png").exists()
+
+
+def test_bench_interleaves_the_servers_run_by_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count-major: at each connection count (or rate) the compared servers run back to
+    back, alternating on each repeat."""
+    from bench import run
+
+    calls: list[tuple[str, str, float, int]] = []
+
+    def one(self: run.Bench, scenario: str, label: str, proto: str, starter: Any,
+            conns: int, **kw: Any) -> dict[str, Any]:
+        calls.append((scenario, label, kw.get("rate") or conns, kw["repeat"]))
+        return {}
+
+    monkeypatch.setattr(run.Bench, "one", one)
+    bench = run.Bench(run.parse(["--conns", "100", "2000", "--rates", "1000", "5000",
+                                 "--repeat", "2"]))
+    bench.cross()
+    bench.latency()
+    ours, peer = "signaling-redis-x2", "socketio-redis-x2"
+    assert calls == [
+        (scen, label, n, r)
+        for scen, counts in (("cross", (100, 2000)), ("latency", (1000.0, 5000.0)))
+        for n in counts for r in (0, 1) for label in (ours, peer)
+    ]
+    assert calls[:4] == [("cross", ours, 100, 0), ("cross", peer, 100, 0),
+                         ("cross", ours, 100, 1), ("cross", peer, 100, 1)]
+
+
+def test_repeat_defaults_to_one_run_and_must_be_positive() -> None:
+    from bench import run
+
+    assert run.parse([]).repeat == 1
+    with pytest.raises(SystemExit):
+        run.parse(["--repeat", "0"])
+
+
+def test_bench_runs_count_major_also_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import run
+
+    calls: list[tuple[str, int, int]] = []
+
+    def one(self: run.Bench, scenario: str, label: str, proto: str, starter: Any,
+            conns: int, **kw: Any) -> dict[str, Any]:
+        calls.append((label, conns, kw["repeat"]))
+        return {}
+
+    monkeypatch.setattr(run.Bench, "one", one)
+    run.Bench(run.parse(["--conns", "100", "2000"])).relay()
+    assert calls == [(label, n, 0) for n in (100, 2000)
+                     for label in ("signaling-memory", "signaling-redis", "peerjs")]
