@@ -156,8 +156,14 @@ def ratios(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _r(v: float) -> str:
+    """A ratio: two decimals, or two significant digits below 0.1 (a p99 ratio can be
+    0.005, which two decimals would show as 0.00)."""
+    return f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
+
+
 def _times(v: float | None) -> str:
-    return "–" if v is None else f"×{v:.2f}"
+    return "–" if v is None else f"×{_r(v)}"
 
 
 def _side_by_side(rows: list[dict[str, Any]]) -> list[str]:
@@ -177,7 +183,7 @@ def _side_by_side(rows: list[dict[str, Any]]) -> list[str]:
             where += " / " + _f(p["offered_rate"])
         lo_hi = p["range"]
         lines.append([p["scenario"], f"{p['ours']} vs {p['peer']}", where, str(p["runs"]),
-                      ratio, f"{lo_hi[0]:.2f}–{lo_hi[1]:.2f}" if lo_hi else "–",
+                      ratio, f"{_r(lo_hi[0])}–{_r(lo_hi[1])}" if lo_hi else "–",
                       _times(p["cpu_ratio"])])
     return ["", f"## Side by side ({title})", "",
             "Ours / peer, from the medians of each server's runs: msg/s in the closed loop "

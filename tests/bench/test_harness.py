@@ -306,3 +306,12 @@ def test_bench_runs_count_major_also_once_each(monkeypatch: pytest.MonkeyPatch) 
     run.Bench(run.parse(["--conns", "100", "2000"])).relay()
     assert calls == [(label, n, 0) for n in (100, 2000)
                      for label in ("signaling-memory", "signaling-redis", "peerjs")]
+
+
+def test_small_ratios_keep_two_significant_digits() -> None:
+    from bench import report
+
+    rows = [_row("latency", "signaling-redis-x2", 0, 1000.0, 0.3, 3.5, conns=400, rate=1e4),
+            _row("latency", "socketio-redis-x2", 0, 1000.0, 0.3, 712.0, conns=400, rate=1e4)]
+    md = report.markdown({"rows": rows})
+    assert "| p99 ×0.0049 | – | ×1.00 |" in md  # not ×0.00
