@@ -5,12 +5,13 @@ Each worker owns one inbox stream ``sig:inbox:<node>`` with consumer group ``sig
 ``send`` of one event-loop tick goes out in one round trip, from a single writer task, and
 the envelopes of one tick bound for the same inbox travel as one stream entry (a msgpack
 array, at most ENTRY_ENVELOPES of them, ENTRY_BYTES of frames): one XADD, one entry id, one
-acknowledgement for the lot, and one sender's messages keep their order.  The reader
-``XREADGROUP … BLOCK``s on its own connection (socket timeout above the block time) and hands
-envelopes to the hub; it ``XACK``s them with its next read (one round trip) and trims the
-stream below them (``XTRIM MINID ~``: whole stream nodes only, much cheaper for Redis than
-``XDEL``), so payloads stay in Redis while in transit and at most one stream node (~100
-entries) longer.
+acknowledgement for the lot, and one sender's messages keep their order.  One read is out
+at a time: while the writer's lane is busy it rides that lane's round trips (no ``BLOCK``),
+else it ``XREADGROUP … BLOCK``s on the reader's own connection (socket timeout above the
+block time).  The reader hands envelopes to the hub; it ``XACK``s them with its next read
+(the same round trip) and trims the stream below them (``XTRIM MINID ~``: whole stream nodes
+only, much cheaper for Redis than ``XDEL``), so payloads stay in Redis while in transit and
+at most one stream node (~100 entries) longer.
 
 NOMKSTREAM is what makes a send to a dead worker fail loudly: its inbox expired (the TTL is
 refreshed by its heartbeat), the XADD returns nil and the sender gets ``peer_offline``.
