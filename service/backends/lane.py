@@ -161,6 +161,7 @@ class Lane(LoopBound):
         self._pool = redis.connection_pool
         self._link: _Link | None = None
         self._queue: list[Batch] = []  # waiting for the round trip in flight
+        self._first: list[Batch] = []  # to go ahead of everything else (``retry_first``)
         self._sources: list[Source] = []  # see ``add_source``
         self._riders: list[Rider] = []  # see ``add_rider``
         self._round: _Round | None = None  # in flight (or waiting for a connection)
@@ -219,6 +220,17 @@ class Lane(LoopBound):
         is what saves the batchers a task and a loop pass each way per round trip."""
         self._sources.append(source)
 
+    def retry_first(self, commands: Sequence[Command], done: Done) -> None:
+        """Send ``commands`` at the head of the next round trip, ahead of every batch
+        submitted or due since: a batch run again (``scripts.settled``) must not be
+        overtaken by later ones, neither in Redis nor in its callbacks.  Meant to be
+        called from a batch's ``Done``, while the next round trip is not out yet."""
+        if self._closed:
+            _call(done, ConnectionError("lane closed"))
+            return
+        self._first.append((commands, done))
+        self.wake()
+
     def add_rider(self, rider: Rider) -> None:
         """Register a batcher whose batches only ride along: whenever the lane looks for
         work (after a ``wake``), ``rider(True)`` if a round trip is going anyway (its
@@ -242,7 +254,8 @@ class Lane(LoopBound):
             self.running_loop().call_soon(self._send_queued)
 
     def _due(self) -> list[Batch]:
-        batches, self._queue = self._queue, []
+        batches, self._queue = self._first + self._queue, []
+        self._first = []
         for source in self._sources:
             try:
                 batches += source()

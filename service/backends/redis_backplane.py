@@ -360,6 +360,8 @@ class RedisBackplane(LoopBound):
     async def start(self, node: str, sink: EnvelopeSink) -> None:
         self._node, self._sink = node, sink
         await self._ensure_group()
+        # loaded now, not by the first routes' NOSCRIPT (whose senders would be held back)
+        await self._redis.script_load(_ROUTE)
         await self._lane.connect()
         self._read_again()
 
@@ -461,7 +463,14 @@ class RedisBackplane(LoopBound):
             *keys_out, *args_out)))
         commands = [command]
         return [(commands, settled(self._lane, commands, [self._route_script],
-                                   functools.partial(self._routed, batch)))]
+                                   functools.partial(self._routed, batch),
+                                   functools.partial(self._hold_all, batch)))]
+
+    def _hold_all(self, batch: list[_Route]) -> None:
+        """The call runs again (NOSCRIPT) at the head of the next round trip, whose routes
+        are taken before its outcomes are known: its senders' later routes are held back
+        (as after one not queued in one step) until the router resumes them."""
+        self._stopped.update(sender for *_, sender, _ in batch)
 
     def _routed(self, batch: list[_Route], result: list[Any] | BaseException) -> None:
         reply = result if isinstance(result, BaseException) else result[0]

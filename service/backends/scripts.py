@@ -1,12 +1,12 @@
 """Lua scripts in batches, by EVALSHA on a ``Lane`` (no ``SCRIPT EXISTS`` round trip, which
 redis-py's pipeline sends before every batch holding a script).  The entries that come back
-NOSCRIPT (Redis restarted and lost its script cache) did not run, so they are loaded and run
-again.
+NOSCRIPT (Redis restarted and lost its script cache, or a worker's first calls) did not run,
+so they are loaded and run again; a lane source's batch ahead of everything submitted since
+(``settled``), so a later round trip's scripts never run, nor answer, before them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -64,19 +64,20 @@ def is_noscript(reply: Any) -> bool:
     )
 
 
-_RERUNS: set[asyncio.Task[list[Any]]] = set()  # held until done (the loop keeps weak refs)
-
-
 def settled(
     lane: Lane,
     commands: Sequence[Sequence[Any]],
     scripts: Iterable[AsyncScript],
     then: Callable[[list[Any] | BaseException], None],
+    on_retry: Callable[[], None] | None = None,
 ) -> Done:
     """The ``Done`` of a lane source's batch with ``execute``'s NOSCRIPT handling:
-    ``then`` gets the replies at once, or (when some entries came back NOSCRIPT) once the
-    scripts are loaded and those entries run again, from a task."""
-    return functools.partial(_settle, lane, commands, list(scripts), then)
+    ``then`` gets the replies at once, or (when some entries came back NOSCRIPT) with the
+    next round trip, at whose head the scripts are loaded and those entries run again
+    (``Lane.retry_first``): nothing submitted since runs before them, in Redis or in its
+    callbacks.  ``on_retry`` is called when that happens, before the next round trip's
+    batches are taken."""
+    return functools.partial(_settle, lane, commands, list(scripts), then, on_retry)
 
 
 def _settle(
@@ -84,20 +85,33 @@ def _settle(
     commands: Sequence[Sequence[Any]],
     scripts: list[AsyncScript],
     then: Callable[[list[Any] | BaseException], None],
+    on_retry: Callable[[], None] | None,
     result: list[Any] | BaseException,
 ) -> None:
     if isinstance(result, BaseException) or not any(is_noscript(r) for r in result):
         then(result)
         return
-    task = asyncio.get_running_loop().create_task(_rerun(lane, commands, scripts, result))
-    _RERUNS.add(task)
+    again = [i for i, r in enumerate(result) if is_noscript(r)]
+    loads = [["SCRIPT", "LOAD", script.script] for script in scripts]
+    if on_retry is not None:
+        on_retry()
+    lane.retry_first([*loads, *(commands[i] for i in again)],
+                     functools.partial(_rerun_done, then, result, again, len(loads)))
 
-    def _done(t: asyncio.Task[list[Any]]) -> None:
-        _RERUNS.discard(t)
-        if t.cancelled():
-            then(ConnectionError("lane closed"))
-        else:
-            exc = t.exception()
-            then(exc if exc is not None else t.result())
 
-    task.add_done_callback(_done)
+def _rerun_done(
+    then: Callable[[list[Any] | BaseException], None], results: list[Any], again: list[int],
+    loads: int, replies: list[Any] | BaseException,
+) -> None:
+    """The replies of a batch's entries run again replace their NOSCRIPT replies (a failed
+    load fails the batch, as ``_rerun`` raises it)."""
+    if isinstance(replies, BaseException):
+        then(replies)
+        return
+    failed = next((r for r in replies[:loads] if isinstance(r, Exception)), None)
+    if failed is not None:
+        then(failed)
+        return
+    for i, res in zip(again, replies[loads:], strict=True):
+        results[i] = res
+    then(results)

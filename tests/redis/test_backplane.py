@@ -228,7 +228,7 @@ def _parked(conn: str) -> str:
 async def test_reads_ride_a_busy_writer_lane_and_keep_their_order(make_bp: Any) -> None:
     a, _ = await make_bp("A")
     b, inbox_b = await make_bp("B")
-    assert await b.route("nobody", None, None, b"", 1, 1) == 0  # loads the script
+    assert await b.route("nobody", None, None, b"", 1, 1) == 0
     busy = True
 
     async def routing() -> None:  # B's writer lane always has a round trip out
@@ -377,6 +377,34 @@ async def test_route_runs_again_when_redis_forgot_its_script(make_bp: Any, redis
     assert await asyncio.gather(a.route("bob", None, None, b"2", 2, 1),
                                 a.route("bob", "d1", None, b"3", 3, 2)) == [1, 1]
     assert [e.frame for e in await inbox_b.wait_for(3)] == [b"1", b"2", b"3"]
+
+
+async def test_a_route_run_again_is_not_overtaken_by_the_next_round_trip(
+    make_bp: Any, redis: Any
+) -> None:
+    """NOSCRIPT (a restart, or a worker's first calls): the call runs again ahead of the
+    routes submitted while it was out, so a sender's messages keep their order in the
+    recipient's inbox and in their outcomes; its later ones are held back meanwhile."""
+    a, _ = await make_bp("A")
+    _, inbox_b = await make_bp("B")
+    await _devices_at(redis, "bob", d1="B|c1")
+    assert await a.route("bob", None, None, b"0", 1, 7) == 1
+    await redis.script_flush()
+    outcomes: list[Any] = []
+    a.route_then("bob", None, None, b"1", 1, 7, lambda o: outcomes.append((1, o)))
+    for _ in range(3):  # the round trip goes (and comes back NOSCRIPT)
+        await asyncio.sleep(0)
+    a.route_then("bob", None, None, b"2", 2, 7, lambda o: outcomes.append((2, o)))
+    a.route_then("bob", None, None, b"3", 3, 7, lambda o: outcomes.append((3, o)))
+    got = await inbox_b.wait_for(2)
+    await asyncio.sleep(0.05)
+    # 1 was run again first; 2 and 3 came back as devices to deliver (held back), in order
+    assert [e.frame for e in got] == [b"0", b"1"]
+    assert [n for n, _ in outcomes] == [1, 2, 3]
+    assert outcomes[0][1] == 1
+    assert outcomes[1][1] == outcomes[2][1] == {"d1": Location("B", "c1")}
+    a.resume(7)
+    assert await a.route("bob", None, None, b"4", 4, 7) == 1  # queued in one step again
 
 
 async def test_route_then_tells_each_caller_even_after_one_callback_failed(
