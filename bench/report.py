@@ -105,7 +105,7 @@ def summary(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({
             "scenario": scenario, "server": server, "connections": conns,
             "offered_rate": rate, "n": len(group),
-            "msgs_per_s_median": statistics.median(tp) if tp else None,
+            "msgs_per_s_median": _median(group, "msgs_per_s"),
             "msgs_per_s_min": min(tp, default=None), "msgs_per_s_max": max(tp, default=None),
             "cpu_s_per_1k_median": _median(group, "cpu_s_per_1k"),
             "p99_ms_median": _median(group, "p99_ms"),

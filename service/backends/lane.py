@@ -202,15 +202,19 @@ class Lane(LoopBound):
         outcome of the batch is then unknown).  Every batch of one loop tick travels in
         one round trip (with the ones queued while the previous round trip was out)."""
         fut: asyncio.Future[list[Any]] = self.running_loop().create_future()
-        if not commands:
-            fut.set_result([])
-            return fut
-        if self._closed:
-            fut.set_exception(ConnectionError("lane closed"))
-            return fut
-        self._queue.append((commands, functools.partial(settle, fut)))
-        self.wake()
+        self.submit(commands, functools.partial(settle, fut))
         return fut
+
+    def submit(self, commands: Sequence[Command], done: Done) -> None:
+        """``execute`` with a callback instead of a future: ``done`` gets the replies (or
+        the failure) from the socket's read callback; it must not raise, nor block."""
+        if not commands:
+            _call(done, [])
+        elif self._closed:
+            _call(done, ConnectionError("lane closed"))
+        else:
+            self._queue.append((commands, done))
+            self.wake()
 
     def add_source(self, source: Source) -> None:
         """Register a batcher: ``source()`` is called whenever a round trip is about to

@@ -7,6 +7,7 @@ so they are loaded and run again; a lane source's batch ahead of everything subm
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from ..core.running import settle
 from .lane import Done, Lane
 
 ScriptCall = tuple[AsyncScript, Sequence[Any], Sequence[Any]]  # script, keys, args
@@ -35,27 +37,10 @@ async def execute(
 ) -> list[Any]:
     """``lane.execute`` for commands among which are EVALSHAs of ``scripts``: the ones
     that come back NOSCRIPT are run again once the scripts are loaded (a script's sha is
-    its text's, so the commands stay as they are)."""
-    results = await lane.execute(commands)
-    return await _rerun(lane, commands, scripts, results)
-
-
-async def _rerun(
-    lane: Lane, commands: Sequence[Sequence[Any]], scripts: Iterable[AsyncScript],
-    results: list[Any],
-) -> list[Any]:
-    again = [i for i, r in enumerate(results) if is_noscript(r)]
-    if again:
-        # loaded on the lane too: right after a restart (the usual reason for NOSCRIPT) the
-        # client's idle pooled connections are dead and fail their first command
-        loads = await lane.execute([["SCRIPT", "LOAD", script.script] for script in scripts])
-        failed = next((r for r in loads if isinstance(r, Exception)), None)
-        if failed is not None:
-            raise failed
-        retried = await lane.execute([commands[i] for i in again])
-        for i, res in zip(again, retried, strict=True):
-            results[i] = res
-    return results
+    its text's, so the commands stay as they are), as ``settled`` does."""
+    fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+    lane.submit(commands, settled(lane, commands, scripts, functools.partial(settle, fut)))
+    return await fut
 
 
 def is_noscript(reply: Any) -> bool:
@@ -103,8 +88,10 @@ def _rerun_done(
     then: Callable[[list[Any] | BaseException], None], results: list[Any], again: list[int],
     loads: int, replies: list[Any] | BaseException,
 ) -> None:
-    """The replies of a batch's entries run again replace their NOSCRIPT replies (a failed
-    load fails the batch, as ``_rerun`` raises it)."""
+    """The replies of a batch's entries run again replace their NOSCRIPT replies; a failed
+    load fails the batch.  (Loaded on the lane: right after a restart, the usual reason
+    for NOSCRIPT, the client's idle pooled connections are dead and fail their first
+    command.)"""
     if isinstance(replies, BaseException):
         then(replies)
         return
