@@ -502,7 +502,7 @@ def _welcome(
 
 
 class Flusher:
-    """Writes every connection's queued frames once per loop tick: one ``writelines`` (one
+    """Writes every connection's queued frames once per loop tick: one ``write`` (one
     system call) per connection however many frames it got in the tick, and no writer task
     per connection.  Frames are framed here (server frames are unmasked: a 2-10 byte header)."""
 
@@ -551,11 +551,18 @@ def flush_one(session: Session, ws: LeanWebsocket) -> int:
         # no data after our close frame, nor on a socket that is closing or gone (a close
         # frame received, a failure: both close the transport)
         if transport is not None and not ws.close_started and not transport.is_closing():
-            parts: list[bytes] = []
-            for frame in frames:
-                parts.append(_frame_header(len(frame)))
-                parts.append(frame)
-            transport.writelines(parts)
+            # One bytes object per write: uvloop sends a single buffer with a plain write
+            # (its fast path); a list of them costs a write context and a writev (copying
+            # the frames, SDP included, is cheaper than that).
+            if len(frames) == 1:
+                frame = frames[0]
+                transport.write(_frame_header(len(frame)) + frame)
+            else:
+                parts: list[bytes] = []
+                for frame in frames:
+                    parts.append(_frame_header(len(frame)))
+                    parts.append(frame)
+                transport.write(b"".join(parts))
             written = len(frames)
             if transport.get_write_buffer_size() > session.max_bytes:
                 session.close(Close.POLICY, "slow consumer")

@@ -124,3 +124,46 @@ async def test_nothing_after_a_close_frame_reaches_the_router() -> None:
     ws.data_received(_frame(b'{"type":"offer"}'))
     assert router.seen == [] and ws.inbox == []
     assert _close_code(transport) == 1000  # the close frame echoed
+
+
+def test_a_tick_of_frames_goes_out_as_one_write_of_whole_frames() -> None:
+    """However many frames a connection got in a tick, one write carries them, each with
+    the header its length needs (7-bit, 16-bit and 64-bit lengths), in order."""
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from service.auth import Identity
+    from service.core.contracts import Location
+    from service.core.session import Session
+    from service.transport import flush_one
+
+    ws = LeanWebsocket(SignalingServerProtocol(), ping_interval=None)
+    ws.ws_proto.state = OPEN
+    transport = _Transport()
+    ws.transport = transport
+    session = Session(Identity("u", "d", 2_000_000_000), Location("n", "c"),
+                      lambda code, reason: None, max_bytes=1 << 20)
+    sizes = [5, 125, 126, 300, 65535, 65536, 70000]
+    frames = [bytes([65 + i]) * n for i, n in enumerate(sizes)]
+    for frame in frames:
+        session.push(frame)
+    assert flush_one(session, ws) == len(frames)
+    session.push(b"last")
+    assert flush_one(session, ws) == 1
+    assert len(transport.out) == 2  # one write per flush
+
+    reader = StreamReader()
+    for chunk in transport.out:
+        reader.feed_data(chunk)
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=False)
+    got: list[bytes] = []
+    for _ in range(len(frames) + 1):
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame = done.value
+        assert frame.opcode is Opcode.TEXT and frame.fin
+        got.append(bytes(frame.data))
+        parser = Frame.parse(reader.read_exact, mask=False)
+    assert got == [*frames, b"last"]
