@@ -117,6 +117,29 @@ async def test_a_steady_sender_of_a_few_messages_a_second_takes_leases(
     await w.close()
 
 
+async def test_a_steady_senders_lease_grows_to_its_pace(redis_url: str, redis: Any) -> None:
+    """A sender of one message per 10 ms tick (100 a second, far under the limit): its
+    lease grows until it lasts about half a lease period, so acquisitions fall to a few a
+    second (a lease renewed with what was spent meanwhile kept whatever size it started
+    with: two slots, one acquisition every other message).  Each message is still counted
+    in Redis before it is admitted, and the lease stays within about one lease period of
+    the sender's pace."""
+    w = redis_rate_limiter(redis_url, redis, "100000/second")
+    key = "sig:rl:" + parse("100000/second").key_for("u", "pace")
+    admitted = 0
+    for _ in range(120):
+        admitted += await resolve(w.admit("pace")) is None
+        assert await redis.llen(key) >= admitted  # never spent before it was counted
+        await asyncio.sleep(0.01)
+    assert admitted == 120
+    assert w.acquisitions <= 12, w.acquisitions
+    assert w.waited <= 3, w.waited
+    # counted but not spent: at most what it sends in about one and a half lease periods
+    elapsed_pace = 100 * rl.LEASE_S * 1.5
+    assert await redis.llen(key) - admitted <= elapsed_pace
+    await w.close()
+
+
 async def test_renewed_leases_stay_within_the_cap_and_the_limit(
     redis_url: str, redis: Any
 ) -> None:
