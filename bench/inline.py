@@ -122,7 +122,8 @@ async def measure(conns: int, per_tick: int, seconds: float, repeat: int,
     for _ in range(8):
         order = list(range(conns))
         rng.shuffle(order)
-        calls = [(sockets[k].data_received, frames[k]) for k in order]
+        calls: list[tuple[Callable[[bytes], None], bytes]] = [
+            (sockets[k].data_received, frames[k]) for k in order]
         rounds.append([calls[j : j + per_tick] for j in range(0, conns, per_tick)])
 
     async def run_for(duration: float) -> int:

@@ -443,13 +443,13 @@ def _signaling_cls(picows: Any) -> type:
             )
             self.pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
             if self.w.proto == "signaling-noack":  # no id: no ack (decided once, not per frame)
-                self.frame = self.frame_without_id  # type: ignore[method-assign]
+                self.frame = self.frame_without_id
 
         def url(self) -> str:
             tok = mint(self.w.spec["secret"], self.user, "d", ttl=int(self.w.spec["ttl"]))
             return f"ws://{self.host}:{self.port}/ws?token={tok}"
 
-        def frame(self, t: int, s: int) -> bytes:
+        def frame(self, t: int, s: int) -> bytes:  # type: ignore[no-redef]
             return self.prefix + b'%d,"s":%d},"id":"%d"}' % (t, s, s)
 
         def frame_without_id(self, t: int, s: int) -> bytes:

@@ -607,11 +607,10 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         time.sleep(1.0)  # let the workers finish starting before the RSS baseline
         try:
             import uvloop
-
-            runner = uvloop.run
         except ImportError:  # pragma: no cover
-            runner = asyncio.run
-        result = runner(_run(cfg, servers))
+            result = asyncio.run(_run(cfg, servers))
+        else:
+            result = uvloop.run(_run(cfg, servers))
     finally:
         logs = [str(s.log_path) for s in servers]
         stop_cluster(redis, servers)
