@@ -34,10 +34,10 @@ tick's call also takes what the user spent meanwhile (twice that when half was s
 before half the time went: the lease grows by half, up to what the user spends in one
 to one and a half lease periods), and the slots left join the new lease (the sum within
 the cap, so a worker still holds at most LEASE_SHARE of the limit for a user, and a
-window still sees at most that beyond the limit).  A steady sender's
-messages then never wait for an acquisition (before, one in four did at two messages a
-second: the one that found its lease spent or lapsed, and went the slow way, two round
-trips).  A renewal refused at the limit is not tried again with that lease.
+window still sees at most that beyond the limit).  A steady sender's messages then never
+wait for an acquisition (before, one in four did at two messages a second: the one that
+found its lease spent or lapsed, and went the slow way, two round trips).  A renewal
+refused at the limit is not tried again with that lease.
 """
 
 from __future__ import annotations

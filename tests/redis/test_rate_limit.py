@@ -93,6 +93,17 @@ async def test_leases_spare_redis_for_busy_senders_and_never_exceed_the_limit(
     await w2.close()
 
 
+async def _send_steadily(w: Any, redis: Any, key: str, user: str, n: int, gap: float) -> int:
+    """``n`` messages of ``user``, one every ``gap`` seconds; returns how many were
+    admitted, checking after each that Redis counted it before it was admitted."""
+    admitted = 0
+    for _ in range(n):
+        admitted += await resolve(w.admit(user)) is None
+        assert await redis.llen(key) >= admitted  # never spent before it was counted
+        await asyncio.sleep(gap)
+    return admitted
+
+
 async def test_a_steady_sender_of_a_few_messages_a_second_takes_leases(
     redis_url: str, redis: Any
 ) -> None:
@@ -103,12 +114,7 @@ async def test_a_steady_sender_of_a_few_messages_a_second_takes_leases(
     the one that found its lease spent or lapsed.)"""
     w = redis_rate_limiter(redis_url, redis, "1000/second")
     key = "sig:rl:" + parse("1000/second").key_for("u", "ice")
-    admitted = 0
-    for _ in range(16):
-        admitted += await resolve(w.admit("ice")) is None
-        assert await redis.llen(key) >= admitted  # never spent before it was counted
-        await asyncio.sleep(0.12)
-    assert admitted == 16
+    assert await _send_steadily(w, redis, key, "ice", 16, 0.12) == 16
     # a lease is renewed ahead, while the sender still spends from it: after the first
     # two messages (no lease yet, then one of two slots) none waits for an acquisition
     assert w.waited <= 3, w.waited
@@ -126,17 +132,13 @@ async def test_a_steady_senders_lease_grows_to_its_pace(redis_url: str, redis: A
     the sender's pace."""
     w = redis_rate_limiter(redis_url, redis, "100000/second")
     key = "sig:rl:" + parse("100000/second").key_for("u", "pace")
-    admitted = 0
-    for _ in range(120):
-        admitted += await resolve(w.admit("pace")) is None
-        assert await redis.llen(key) >= admitted  # never spent before it was counted
-        await asyncio.sleep(0.01)
+    admitted = await _send_steadily(w, redis, key, "pace", 120, 0.01)
     assert admitted == 120
     assert w.acquisitions <= 12, w.acquisitions
     assert w.waited <= 3, w.waited
     # counted but not spent: at most what it sends in about one and a half lease periods
-    elapsed_pace = 100 * rl.LEASE_S * 1.5
-    assert await redis.llen(key) - admitted <= elapsed_pace
+    sent_in_one_and_a_half_leases = 100 * rl.LEASE_S * 1.5
+    assert await redis.llen(key) - admitted <= sent_in_one_and_a_half_leases
     await w.close()
 
 
