@@ -18,7 +18,9 @@ So the figure is the interpreter's share of a message on the hot path at a reali
 spread over connections (what a message touches is what it costs: at 2,000 connections
 the per-connection objects no longer stay in the CPU caches), without the system calls the
 socket-level suite (``bench.run``) adds.  Output: one JSON object per ``--repeat``, then a
-summary with their median ``ns_per_msg`` (this process's CPU per message).  Pinned to core 1
+summary with their median ``ns_per_msg`` (this process's CPU per message).  ``--costs``
+instead alternates, in the same process, rounds of the whole path with rounds of the path
+without one part (``PARTS``), and reports each part's cost per message.  Pinned to core 1
 (``--no-pin`` leaves affinity alone); the cyclic GC is set as the workers set it.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -33,7 +36,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ from service import transport  # noqa: E402
 from service.app import GC_THRESHOLDS  # noqa: E402
 from service.auth import Identity  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.core.contracts import Location  # noqa: E402
+from service.core.contracts import Location, NullStats  # noqa: E402
 from service.core.session import Session  # noqa: E402
 from service.runtime import Runtime  # noqa: E402
 
@@ -104,32 +107,43 @@ async def _connect(rt: Runtime, settings: Settings, user: str) -> transport.Lean
     return ws
 
 
-async def measure(conns: int, per_tick: int, seconds: float, repeat: int,
-                  warmup: float) -> list[dict[str, Any]]:
-    settings = Settings.from_env({"JWT_SECRET": "b" * 40, "RATE_LIMIT": "1000000/second"})
-    rt = Runtime.build(settings)
-    await rt.start()
-    sockets = [await _connect(rt, settings, f"u{i}") for i in range(conns)]
-    await asyncio.sleep(0.05)  # the welcomes out
-    rng = random.Random(1)
-    frames = [
-        masked_text_frame(
-            b'{"type":"candidate","to":"u%d","payload":{"t":1764300000000000000,"s":%d},'
-            b'"id":"%d"}' % (i ^ 1, i, i), rng.randbytes(4))
-        for i in range(conns)
-    ]
-    rounds: list[list[list[tuple[Callable[[bytes], None], bytes]]]] = []
-    for _ in range(8):
-        order = list(range(conns))
-        rng.shuffle(order)
-        calls: list[tuple[Callable[[bytes], None], bytes]] = [
-            (sockets[k].data_received, frames[k]) for k in order]
-        rounds.append([calls[j : j + per_tick] for j in range(0, conns, per_tick)])
+class InlinePath:
+    """``conns`` connections of one runtime, every read loop waiting, and the frames to
+    hand them: ``rounds[with_id]`` is eight shuffled passes over every connection, cut into
+    ticks of ``per_tick`` (``data_received``, frame) calls."""
 
-    async def run_for(duration: float) -> int:
+    def __init__(self, rt: Runtime, sockets: list[transport.LeanWebsocket],
+                 per_tick: int) -> None:
+        self.rt, self.sockets = rt, sockets
+        rng = random.Random(1)
+        conns = len(sockets)
+        tails = [(b',"id":"%d"}' % i, b"}") for i in range(conns)]
+        self.rounds: dict[bool, list[list[list[tuple[Callable[[bytes], None], bytes]]]]] = {}
+        keys = [rng.randbytes(4) for _ in range(conns)]
+        orders = []
+        for _ in range(8):
+            order = list(range(conns))
+            rng.shuffle(order)
+            orders.append(order)
+        for with_id in (True, False):
+            frames = [
+                masked_text_frame(
+                    b'{"type":"candidate","to":"u%d","payload":{"t":1764300000000000000,'
+                    b'"s":%d}' % (i ^ 1, i) + tails[i][0 if with_id else 1], keys[i])
+                for i in range(conns)
+            ]
+            passes: list[list[list[tuple[Callable[[bytes], None], bytes]]]] = []
+            for order in orders:
+                calls: list[tuple[Callable[[bytes], None], bytes]] = [
+                    (sockets[k].data_received, frames[k]) for k in order]
+                passes.append([calls[j : j + per_tick] for j in range(0, conns, per_tick)])
+            self.rounds[with_id] = passes
+
+    async def run_for(self, duration: float, with_id: bool = True) -> int:
+        """Hand frames over, tick by tick, for ``duration`` seconds; returns how many."""
         n, end = 0, time.perf_counter() + duration
         while time.perf_counter() < end:
-            for ticks in rounds:
+            for ticks in self.rounds[with_id]:
                 for tick in ticks:
                     for receive, frame in tick:
                         receive(frame)
@@ -137,30 +151,134 @@ async def measure(conns: int, per_tick: int, seconds: float, repeat: int,
                     await asyncio.sleep(0)  # the loop's turn: the flusher writes the tick
         return n
 
-    def written() -> int:
-        return sum(ws.transport.written for ws in sockets)
+    def written(self) -> int:
+        return sum(ws.transport.written for ws in self.sockets)
 
-    out: list[dict[str, Any]] = []
+    def queued(self) -> int:
+        """Frames that left the inline path for a read loop (none expected)."""
+        return sum(len(ws.inbox) for ws in self.sockets)
+
+
+@contextlib.asynccontextmanager
+async def _path(conns: int, per_tick: int) -> AsyncIterator[InlinePath]:
+    """A runtime with ``conns`` connections, the workers' GC settings while it runs."""
+    settings = Settings.from_env({"JWT_SECRET": "b" * 40, "RATE_LIMIT": "1000000/second"})
+    rt = Runtime.build(settings)
+    await rt.start()
     thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     try:
-        await run_for(warmup)
-        for _ in range(repeat):
-            b0, c0 = written(), time.process_time()
-            n = await run_for(seconds)
-            cpu = time.process_time() - c0
-            out.append({"conns": conns, "per_tick": per_tick, "messages": n,
-                        "ns_per_msg": round(1e9 * cpu / n),
-                        "bytes_out_per_msg": round((written() - b0) / n, 1),
-                        # frames that left the inline path for a read loop (none expected)
-                        "queued": sum(len(ws.inbox) for ws in sockets)})
-            print(json.dumps(out[-1]), flush=True)
+        sockets = [await _connect(rt, settings, f"u{i}") for i in range(conns)]
+        await asyncio.sleep(0.05)  # the welcomes out
+        path = InlinePath(rt, sockets, per_tick)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        yield path
     finally:
         gc.unfreeze()  # as it was: main() may run inside another program (the tests)
         gc.set_threshold(*thresholds)
         await rt.close()
+
+
+async def measure(conns: int, per_tick: int, seconds: float, repeat: int,
+                  warmup: float) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    async with _path(conns, per_tick) as path:
+        await path.run_for(warmup)
+        for _ in range(repeat):
+            b0, c0 = path.written(), time.process_time()
+            n = await path.run_for(seconds)
+            cpu = time.process_time() - c0
+            out.append({"conns": conns, "per_tick": per_tick, "messages": n,
+                        "ns_per_msg": round(1e9 * cpu / n),
+                        "bytes_out_per_msg": round((path.written() - b0) / n, 1),
+                        "queued": path.queued()})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def _admit_all(user: str) -> None:
+    return None
+
+
+# ``--costs``: the parts of the path left out one at a time.  Each returns whether the
+# frames carry an ``id`` (an ack is written) and an undo.
+def _part_none(path: InlinePath) -> tuple[bool, Callable[[], None]]:
+    return True, lambda: None
+
+
+def _part_limiter(path: InlinePath) -> tuple[bool, Callable[[], None]]:
+    """The limiter admits without counting (an instance attribute shadows ``admit``)."""
+    limiter = path.rt.router.limiter
+    limiter.admit = _admit_all  # type: ignore[method-assign]
+    return True, lambda: delattr(limiter, "admit")
+
+
+def _part_ack(path: InlinePath) -> tuple[bool, Callable[[], None]]:
+    """Messages without an ``id``: no ack encoded, queued or written (PROTOCOL.md §3)."""
+    return False, lambda: None
+
+
+def _part_stats(path: InlinePath) -> tuple[bool, Callable[[], None]]:
+    """The router's counters (Prometheus) replaced by ones that count nothing."""
+    router = path.rt.router
+    stats, router.stats = router.stats, NullStats()
+    return True, lambda: setattr(router, "stats", stats)
+
+
+def _part_liveness(path: InlinePath) -> tuple[bool, Callable[[], None]]:
+    """The recipient's devices read from the presence table without the check that each
+    one's worker is alive (every device is, here)."""
+    presence = path.rt.hub.presence
+    devices = presence.cluster.devices  # type: ignore[attr-defined]  # the memory twin's
+    none: dict[str, Location] = {}
+
+    def locate_now(user: str) -> dict[str, Location]:
+        return devices.get(user, none)
+
+    presence.locate_now = locate_now  # type: ignore[method-assign]
+    return True, lambda: delattr(presence, "locate_now")
+
+
+PARTS: dict[str, Callable[[InlinePath], tuple[bool, Callable[[], None]]]] = {
+    "full": _part_none, "limiter": _part_limiter, "ack": _part_ack, "stats": _part_stats,
+    "liveness": _part_liveness,
+}
+
+
+async def measure_costs(conns: int, per_tick: int, seconds: float, repeat: int,
+                        warmup: float) -> dict[str, Any]:
+    """What each part costs per message: rounds alternate between the whole path and the
+    path without one part (the order reversed every other round), in one process, so the
+    differences are taken on the same heap in the same minute (the machine's drift, tens
+    of percent between runs of the suite, is common to all of them).  A part's cost is the
+    median of the whole path's rounds minus the median of the rounds without it."""
+    ns: dict[str, list[float]] = {name: [] for name in PARTS}
+    async with _path(conns, per_tick) as path:
+        for name in PARTS:  # warm every variant's code
+            with_id, undo = PARTS[name](path)
+            try:
+                await path.run_for(warmup / len(PARTS), with_id)
+            finally:
+                undo()
+        for r in range(repeat):
+            names = list(PARTS) if r % 2 == 0 else list(reversed(PARTS))
+            for name in names:
+                with_id, undo = PARTS[name](path)
+                try:
+                    c0 = time.process_time()
+                    n = await path.run_for(seconds, with_id)
+                    ns[name].append(1e9 * (time.process_time() - c0) / n)
+                finally:
+                    undo()
+        queued = path.queued()
+    medians = {name: round(statistics.median(v)) for name, v in ns.items()}
+    out = {"conns": conns, "per_tick": per_tick, "rounds": repeat,
+           "ns_per_msg": medians,
+           "cost_ns": {name: medians["full"] - medians[name] for name in PARTS
+                       if name != "full"},
+           "runs": {name: [round(x) for x in v] for name, v in ns.items()},
+           "queued": queued}
     return out
 
 
@@ -173,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--json", help="write the summary here too")
     ap.add_argument("--no-pin", action="store_true", help="leave CPU affinity alone")
+    ap.add_argument("--costs", action="store_true",
+                    help="what the limiter, the ack, the counters and the liveness check each "
+                    "cost per message: "
+                    "rounds of --seconds alternate between the whole path and the path "
+                    "without one of them, --repeat rounds of each")
     args = ap.parse_args(argv)
     if args.conns < 2 or args.conns % 2:
         ap.error("--conns must be even (connections talk in pairs)")
@@ -182,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, {1})
         import uvloop
 
-        runs = uvloop.run(measure(args.conns, args.per_tick, args.seconds, args.repeat,
-                                  args.warmup))
+        if args.costs:
+            summary = uvloop.run(measure_costs(args.conns, args.per_tick, args.seconds,
+                                               args.repeat, args.warmup))
+        else:
+            runs = uvloop.run(measure(args.conns, args.per_tick, args.seconds, args.repeat,
+                                      args.warmup))
+            summary = {"conns": args.conns, "per_tick": args.per_tick, "runs": runs,
+                       "median_ns_per_msg": statistics.median(r["ns_per_msg"] for r in runs)}
     finally:
         os.sched_setaffinity(0, mask)
-    summary = {"conns": args.conns, "per_tick": args.per_tick, "runs": runs,
-               "median_ns_per_msg": statistics.median(r["ns_per_msg"] for r in runs)}
     print(json.dumps(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

@@ -5,6 +5,7 @@ bench/report.py's medians and side-by-side ratios, on synthetic rows."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -121,6 +122,42 @@ def test_inline_bench_keeps_every_frame_on_the_inline_path(tmp_path: Path) -> No
     # {"type":"candidate","from":"uN","from_device":"d","payload":{..},"ts":..,"id":".."}
     # (~125 bytes with its header) and {"type":"ack","id":"..","devices":1} (~40)
     assert 140 < run["bytes_out_per_msg"] < 200, run
+
+
+def test_inline_costs_leave_each_part_out_in_turn(tmp_path: Path) -> None:
+    """bench/inline.py --costs: every part is measured against the whole path in the same
+    process, and each stub is undone (the whole path's rounds still count and ack)."""
+    from bench import inline
+
+    out = tmp_path / "costs.json"
+    thresholds = gc.get_threshold()
+    assert inline.main(["--costs", "--conns", "20", "--per-tick", "5", "--seconds", "0.1",
+                        "--repeat", "2", "--warmup", "0.1", "--no-pin", "--json",
+                        str(out)]) == 0
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0  # left as found
+    summary = json.loads(out.read_text())
+    assert set(summary["ns_per_msg"]) == set(inline.PARTS)
+    assert set(summary["cost_ns"]) == set(inline.PARTS) - {"full"}
+    assert all(len(runs) == 2 and min(runs) > 0 for runs in summary["runs"].values())
+    for part, cost in summary["cost_ns"].items():
+        assert cost == summary["ns_per_msg"]["full"] - summary["ns_per_msg"][part]
+    assert summary["queued"] == 0
+
+    async def stubs_left() -> list[str]:
+        async with inline._path(4, 2) as path:
+            router, presence = path.rt.router, path.rt.hub.presence
+
+            def state() -> dict[str, Any]:
+                return {"limiter": dict(vars(router.limiter)), "stats": router.stats,
+                        "presence": dict(vars(presence))}
+
+            before = state()
+            for part in inline.PARTS.values():
+                part(path)[1]()  # applied, then undone
+            after = state()
+            return [name for name in before if before[name] != after[name]]
+
+    assert asyncio.run(stubs_left()) == []
 
 
 def test_the_python_floor_relays_the_peerjs_wire_without_loss() -> None:
