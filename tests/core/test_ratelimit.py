@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from service.core.ratelimit import WindowLimiter, parse_rate
 
 
@@ -36,24 +38,40 @@ def test_window_moves_rather_than_resets() -> None:
     assert lim.admit("u") is not None
 
 
-def test_memory_is_bounded_by_slots_and_idle_users_are_forgotten() -> None:
+def _logged(lim: WindowLimiter) -> int:
+    """References in the limiter's log: one per admitted hit still in the window."""
+    return sum(len(hit) for _, hit in lim._buckets)
+
+
+def test_memory_is_bounded_by_the_window_and_idle_users_are_forgotten() -> None:
     clock = Clock()
     lim = WindowLimiter("1000000/second", clock)
     for _ in range(50_000):
-        clock.t += 0.00001  # 100k messages/s: many hits share a slot of 1 ms
+        clock.t += 0.00001  # 100k messages/s: many hits share a bucket of 1 ms
         assert lim.admit("busy") is None
-    total, starts, hits, _ = lim._users["busy"]
-    assert total == 50_000 and sum(hits) == total  # nothing expired yet (0.5 s of hits)
-    assert len(starts) == len(hits) <= 501  # many hits share a slot of 1 ms
+    assert lim._users["busy"].hits == _logged(lim) == 50_000  # nothing expired yet
+    assert len(lim._buckets) <= 501  # one bucket per 1 ms slot (0.5 s of hits)
     clock.t += 2.5
     lim.admit("someone-else")
-    assert "busy" not in lim._users
+    assert "busy" not in lim._users  # forgotten with its last hit
+    assert list(lim._users) == ["someone-else"] and _logged(lim) == 1
 
 
-def test_a_steady_sender_keeps_at_most_twice_a_window_of_slots() -> None:
-    """Slots that left the window are cut in bulk, not per message: the lists stay within
-    twice the live slots however long the user sends (here 3 periods, a slot per hit),
-    and the count the limit is checked against is exact whenever it matters."""
+def test_a_user_is_forgotten_when_its_last_hit_leaves_the_window() -> None:
+    clock = Clock()
+    lim = WindowLimiter("10/second", clock)
+    lim.admit("a")
+    clock.t += 0.5
+    lim.admit("b")
+    clock.t += 0.501  # a's hit (t=0) has left, b's (t=0.5) has not
+    lim.admit("b")
+    assert "a" not in lim._users and lim._users["b"].hits == 2 and _logged(lim) == 2
+
+
+def test_a_steady_sender_keeps_at_most_a_window_of_buckets() -> None:
+    """The log holds at most one bucket per slot of the window however long the user
+    sends (here 3 periods, two hits per 1 ms slot), and the count the limit is checked
+    against is exact."""
     clock = Clock()
     roomy, tight = WindowLimiter("1000000/second", clock), WindowLimiter("2000/second", clock)
     longest = 0
@@ -61,15 +79,40 @@ def test_a_steady_sender_keeps_at_most_twice_a_window_of_slots() -> None:
         clock.t += 0.0005
         assert roomy.admit("steady") is None
         assert tight.admit("steady") is None  # 2,000 hits in any second: never over
-        longest = max(longest, len(roomy._users["steady"][1]))
-    assert longest <= 2 * 1_000  # at most 1,000 live slots of 1 ms
+        longest = max(longest, len(roomy._buckets))
+    assert longest <= 1_002  # 1,000 slots of 1 ms in a window, give or take float edges
     burst = 0  # at one instant, hits until refused: the window then holds the limit
     while (retry := tight.admit("steady")) is None:
         burst += 1
     assert burst <= 2  # full already, or a slot or two left it meanwhile (slot edges)
     assert isinstance(retry, float) and 0 < retry <= 0.002
-    total, starts, hits, _ = tight._users["steady"]
-    assert total == sum(hits) == 2_000 and starts[0] > clock.t - 1.0
+    assert tight._users["steady"].hits == _logged(tight) == 2_000
+    assert tight._buckets[0][0] > clock.t - 1.0
+
+
+def test_decisions_match_a_naive_moving_window() -> None:
+    """Against a model that keeps every admitted hit's slot start per user and counts the
+    ones inside the window on every call: the same answers, retry times included, for
+    several users at random moments (bursts, pauses longer than the period)."""
+    rng = random.Random(7)
+    clock = Clock()
+    lim = WindowLimiter("5/second", clock)
+    slot = lim._slot
+    model: dict[str, list[float]] = {}
+    for _ in range(20_000):
+        clock.t += rng.choice((0.0, 0.0001, 0.003, 0.05, 0.2, 1.3))
+        user = rng.choice("abc")
+        now = clock.t
+        horizon = now - 1.0
+        live = [s for s in model.get(user, []) if s > horizon]
+        if len(live) >= 5:
+            expected: float | None = max(0.001, live[0] - horizon)
+        else:
+            expected = None
+            live.append(now - now % slot)
+        model[user] = live
+        assert lim.admit(user) == expected, (user, now)
+    assert _logged(lim) == sum(u.hits for u in lim._users.values())
 
 
 def test_parse_rate() -> None:
