@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 
 from service.core.ratelimit import WindowLimiter, parse_rate
 
@@ -39,8 +44,8 @@ def test_window_moves_rather_than_resets() -> None:
 
 
 def _logged(lim: WindowLimiter) -> int:
-    """References in the limiter's log: one per admitted hit still in the window."""
-    return sum(len(hit) for _, hit in lim._buckets)
+    """Hits in the limiter's log: every admitted hit still in the window."""
+    return sum(sum(hit.values()) for _, hit in lim._buckets)
 
 
 def test_memory_is_bounded_by_the_window_and_idle_users_are_forgotten() -> None:
@@ -111,8 +116,43 @@ def test_decisions_match_a_naive_moving_window() -> None:
             expected = None
             live.append(now - now % slot)
         model[user] = live
-        assert lim.admit(user) == expected, (user, now)
+        got = lim.admit(user)
+        if expected is None:
+            assert got is None, (user, now)
+        else:
+            assert got == pytest.approx(expected, abs=1e-9), (user, now)
     assert _logged(lim) == sum(u.hits for u in lim._users.values())
+
+
+def test_a_flood_is_refused_without_scanning_the_log_each_time() -> None:
+    """The oldest hit of a refused user is looked for once per refusal spell, not per
+    refused message (the scan can cover a period of every user's hits)."""
+    clock = Clock()
+    lim = WindowLimiter("3/second", clock)
+    for user in ("other", "flood", "flood", "flood"):
+        assert lim.admit(user) is None
+        clock.t += 0.1
+    scans = 0
+    buckets = lim._buckets
+
+    class Counted(deque[tuple[float, dict[Any, int]]]):
+        def __iter__(self) -> Iterator[tuple[float, dict[Any, int]]]:
+            nonlocal scans
+            scans += 1
+            return super().__iter__()
+
+    lim._buckets = Counted(buckets)
+    retries = []
+    for _ in range(1_000):
+        clock.t += 0.0001
+        retry = lim.admit("flood")
+        assert isinstance(retry, float)
+        retries.append(retry)
+    assert scans == 1
+    # the first flood hit (t=0.1) leaves at t=1.1; it is now 0.4 + 0.1 s later
+    assert retries[0] == pytest.approx(0.6999, abs=1e-6)
+    assert retries[-1] == pytest.approx(0.6, abs=1e-6)
+    assert retries == sorted(retries, reverse=True)
 
 
 def test_parse_rate() -> None:
