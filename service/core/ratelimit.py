@@ -34,7 +34,7 @@ async def resolve(admission: Admission) -> float | None:
 
 
 class _User:
-    """A user's hits in the window; the log's buckets hold a reference per hit."""
+    """A user's hits in the window (the log's buckets count them per slot)."""
 
     __slots__ = ("hits", "name", "free_at")
 
@@ -50,7 +50,7 @@ _NEVER = float("inf")
 class WindowLimiter:
     """An exact moving window per user, in memory, kept as one log for every user: each
     admitted message counts its user in the bucket of its slot (1/1000 of the period, so
-    the log has at most 1,000 buckets, and a user at most one entry in each), and a bucket
+    the log has about 1,000 buckets, and a user at most one entry in each), and a bucket
     that leaves the window takes its hits off each user in it.  A message touches its
     user's count and the newest bucket (one dict for every message of that millisecond, so
     in the CPU's cache).  Per-user lists of slots, appended per message and cut in turn,
