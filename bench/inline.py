@@ -62,10 +62,6 @@ class CountingTransport:
     def __init__(self) -> None:
         self.written = 0
 
-    def writelines(self, parts: list[bytes]) -> None:
-        for part in parts:
-            self.written += len(part)
-
     def write(self, data: bytes) -> None:
         self.written += len(data)
 

@@ -32,9 +32,6 @@ class _Transport:
     def write(self, data: bytes) -> None:
         self.out.append(bytes(data))
 
-    def writelines(self, parts: list[bytes]) -> None:
-        self.out.append(b"".join(parts))
-
     def is_closing(self) -> bool:
         return self.closed
 

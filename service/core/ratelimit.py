@@ -106,7 +106,7 @@ class WindowLimiter:
         while buckets and buckets[0][0] <= horizon:
             for u, n in buckets.popleft()[1].items():
                 u.hits -= n
-                if not u.hits and users.get(u.name) is u:
+                if not u.hits:  # in no bucket now: forgotten
                     del users[u.name]
         if buckets:
             self._expires_at = buckets[0][0] + self.period_s
