@@ -9,6 +9,7 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,45 @@ def test_inline_costs_leave_each_part_out_in_turn(tmp_path: Path) -> None:
             return [name for name in before if before[name] != after[name]]
 
     assert asyncio.run(stubs_left()) == []
+
+
+def test_inline_fixed_passes_hand_over_exactly_that_many_frames() -> None:
+    """bench/inline.py --fixed (one of --counts' runs): warm passes, then exactly
+    ``passes`` frames per connection, the limiter on a virtual clock."""
+    from bench import inline
+
+    async def frames(passes: int, part: str) -> int:
+        return await inline.run_fixed(20, 5, passes, part)
+
+    assert asyncio.run(frames(3, "full")) == 60
+    assert asyncio.run(frames(0, "ack")) == 0
+
+
+def test_cachegrind_totals_are_read_from_its_summary_line(tmp_path: Path) -> None:
+    from bench import inline
+
+    out = tmp_path / "cachegrind.out"
+    out.write_text("desc: I1 cache: ...\ncmd: python x\n"
+                   "events: Ir I1mr ILmr Dr D1mr DLmr Dw D1mw DLmw\nfl=x.c\n"
+                   "summary: 1000 1 1 300 20 5 100 7 2\n")
+    assert inline._summary(out) == {"instructions": 1000, "d1_misses": 27, "l2_misses": 7}
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_inline_counts_under_cachegrind(tmp_path: Path) -> None:
+    """bench/inline.py --counts: per message, the counted run minus the empty one."""
+    from bench import inline
+
+    out = tmp_path / "counts.json"
+    assert inline.main(["--counts", "--conns", "20", "--per-tick", "5", "--passes", "4",
+                        "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["messages"] == 80 and set(summary["per_msg"]) == {"full"}
+    full = summary["per_msg"]["full"]
+    # a message is thousands of instructions (parse, route, encode, write), never zero:
+    # the counted run did hand over its frames, and the empty one cancelled the setup
+    assert 5_000 < full["instructions"] < 500_000, full
+    assert full["d1_misses"] >= 0 and full["l2_misses"] >= 0
 
 
 def test_the_python_floor_relays_the_peerjs_wire_without_loss() -> None:
