@@ -29,7 +29,9 @@ TITLES = {
 
 # scenario -> (ours, peer) pairs of the side-by-side ratios
 PAIRS: dict[str, list[tuple[str, str]]] = {
-    "relay": [("signaling-memory", "peerjs"), ("signaling-redis", "peerjs")],
+    "relay": [("signaling-memory", "peerjs"), ("signaling-redis", "peerjs"),
+              # run only on request (--alt-python): the same code on another interpreter
+              ("signaling-memory-alt", "peerjs"), ("signaling-memory-alt", "signaling-memory")],
     "cross": [("signaling-redis-x2", "socketio-redis-x2")],
     "latency": [("signaling-redis-x2", "socketio-redis-x2")],
 }

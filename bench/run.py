@@ -73,10 +73,22 @@ CROSS: dict[str, tuple[str, Starter]] = {
 # Run only when named in --servers: our server with messages that carry no ``id``, so no
 # ack is sent (PROTOCOL.md §3), which is what the peers do for every message.  Not what the
 # targets are measured on (acks on); it shows what the acks cost.
+ALT_PYTHON: list[str] = []  # --alt-python
+
+
+def _start_alt(cpus: set[int] | None) -> Servers:
+    if not ALT_PYTHON:
+        raise RuntimeError("signaling-memory-alt needs --alt-python PATH")
+    return start_signaling(redis=False, cpus=cpus, python=ALT_PYTHON[0])
+
+
 NOACK_SINGLE: dict[str, tuple[str, Starter]] = {
     "signaling-memory-noack": ("signaling-noack", SINGLE["signaling-memory"][1]),
     # bench/floor.py: the least a Python relay on uvloop does per message (PeerJS wire)
     "python-floor": ("peerjs", lambda c: start_floor(cpus=c)),
+    # signaling-memory on another interpreter (--alt-python), e.g. one built with PGO and
+    # LTO as the image's is, beside the same code on this one (acks on, as measured)
+    "signaling-memory-alt": ("signaling", _start_alt),
 }
 NOACK_CROSS: dict[str, tuple[str, Starter]] = {
     "signaling-redis-x2-noack": ("signaling-noack", CROSS["signaling-redis-x2"][1]),
@@ -394,6 +406,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hold-connect-s", type=float, default=600.0,
                     help="scenario 5: stop connecting after this long and hold what is open")
     ap.add_argument("--presence-sample", type=int, default=200)
+    ap.add_argument("--alt-python", metavar="PATH",
+                    help="the interpreter of --servers signaling-memory-alt (its environment "
+                    "must have this package installed: pip install -e .)")
     ap.add_argument("--out", help="results directory (default bench/results/<timestamp>)")
     a = ap.parse_args(argv)
     if a.repeat < 1:
@@ -412,6 +427,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    ALT_PYTHON[:] = [a.alt_python] if a.alt_python else []
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(a.out) if a.out else RESULTS / (stamp + ("-100k" if a.hold else
                                                        "-quick" if a.quick else ""))

@@ -86,9 +86,11 @@ def start_signaling(
     workers: int = 1,
     cpus: set[int] | None = None,
     extra_env: dict[str, str] | None = None,
+    python: str | None = None,
 ) -> Servers:
     """Our server as production runs it: auth, presence, acks and the cluster-wide rate
-    limiter on (its limit raised out of the way)."""
+    limiter on (its limit raised out of the way).  ``python``: the interpreter to run it
+    with (default: the harness's own)."""
     if (instances > 1 or workers > 1) and not redis:
         raise ValueError("more than one process needs Redis")
     rs = _redis(cpus) if redis else None
@@ -103,7 +105,7 @@ def start_signaling(
         for _ in range(instances):
             with pinned(cpus):
                 sp = start_server(env, workers=workers, extra_args=["--no-access-logs"],
-                                  timeout=60)
+                                  timeout=60, python=python)
             out._stops.append(sp)
             out.logs.append(sp.log_path)
             out.targets.append(("127.0.0.1", sp.port))

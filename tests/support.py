@@ -161,15 +161,19 @@ def start_server(
     wait_ready: bool = True,
     timeout: float = 30,
     probe_scheme: str = "http",
+    python: str | None = None,
 ) -> ServerProcess:
-    """Start a server and wait until /health answers (and /ready, unless told not to)."""
+    """Start a server and wait until /health answers (and /ready, unless told not to).
+    ``python``: another interpreter to run it with (its environment must have this
+    package and its dependencies installed); by default this one."""
+    python = python or sys.executable
     port = port or free_port()
     log_path = Path(tempfile.mkstemp(prefix="sig-server-", suffix=".log")[1])
     if cli:
-        cmd = [str(Path(sys.executable).parent / "signaling-server"), "-addr",
+        cmd = [str(Path(python).parent / "signaling-server"), "-addr",
                f"127.0.0.1:{port}", "-workers", str(workers)]
     else:
-        cmd = [sys.executable, "-m", "sanic", "service.app", "--host", "127.0.0.1",
+        cmd = [python, "-m", "sanic", "service.app", "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(workers)]
     cmd += extra_args or []
     with open(log_path, "wb") as out:

@@ -391,6 +391,29 @@ def test_bench_runs_count_major_also_once_each(monkeypatch: pytest.MonkeyPatch) 
                      for label in ("signaling-memory", "signaling-redis", "peerjs")]
 
 
+def test_the_alt_interpreter_runs_only_when_named_and_needs_its_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``signaling-memory-alt`` (``make bench-alt``): on request only, beside the others
+    run by run, and without ``--alt-python`` it stops with what to pass, before any
+    server starts."""
+    from bench import run
+
+    calls: list[tuple[str, int]] = []
+
+    def one(self: run.Bench, scenario: str, label: str, proto: str, starter: Any,
+            conns: int, **kw: Any) -> dict[str, Any]:
+        calls.append((label, kw["repeat"]))
+        return {}
+
+    monkeypatch.setattr(run.Bench, "one", one)
+    servers = ["signaling-memory", "signaling-memory-alt", "peerjs"]
+    run.Bench(run.parse(["--conns", "100", "--repeat", "2", "--servers", *servers])).relay()
+    assert calls == [(label, r) for r in (0, 1) for label in servers]
+    monkeypatch.setattr(run, "ALT_PYTHON", [])
+    with pytest.raises(RuntimeError, match="--alt-python"):
+        run.NOACK_SINGLE["signaling-memory-alt"][1](None)
+
+
 def test_small_ratios_keep_two_significant_digits() -> None:
     from bench import report
 
