@@ -303,6 +303,9 @@ async def run_fixed(conns: int, per_tick: int, passes: int, part: str) -> int:
     async with _path(conns, per_tick) as path:
         clock = itertools.count(0.0, VIRTUAL_STEP).__next__
         path.rt.router.limiter._clock = clock  # type: ignore[attr-defined]  # the memory twin's
+        # connecting thousands under valgrind can outlast the worker's liveness: renewed
+        # here, as the heartbeat does, or every recipient would look dead (not inline)
+        await path.rt.hub.beat()
         await path.run_passes(WARM_PASSES)
         with_id, undo = PARTS[part](path)
         try:
@@ -322,8 +325,8 @@ def _cachegrind(conns: int, per_tick: int, passes: int, part: str,
            "--fixed", str(passes), "--part", part]
     # one hash seed: dict and set layouts, and so the counts, repeat run to run
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    with open(out.with_suffix(".log"), "wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _summary(out: Path) -> dict[str, int]:
@@ -359,7 +362,9 @@ def measure_counts(conns: int, per_tick: int, passes: int, parts: list[str],
                  for name, n, part in batch]
         for name, out, proc in procs:
             if proc.wait() != 0:
-                raise SystemExit(f"valgrind run {name!r} failed (exit {proc.returncode})")
+                tail = out.with_suffix(".log").read_text(errors="replace")[-1500:]
+                raise SystemExit(f"valgrind run {name!r} failed (exit {proc.returncode}):\n"
+                                 f"{tail}")
             done[name] = _summary(out)
     messages = passes * conns
     per_msg = {part: {k: round((done[part][k] - done["base"][k]) / messages, 1)
