@@ -349,8 +349,9 @@ def measure_counts(conns: int, per_tick: int, passes: int, parts: list[str],
     """Per message, for each part's path (``full``: the whole one): instructions, L1d
     misses and L2 misses (cachegrind's model, ``CACHES``), as the difference between a run
     of ``passes`` passes and one of none (the setup and the warm passes cancel).  The same
-    code gives the same counts within ~1 % run to run, where timings on this machine drift
-    by tens of percent: the instrument for changes of a few percent."""
+    code gives the same instructions within 0.1 % run to run, where timings on this
+    machine drift by tens of percent: the instrument for changes of a few percent.  The
+    L2 count moves by ~5 % with any change of allocation order: read only more than that."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--counts needs valgrind (apt-get install valgrind)")
     todo = [("base", 0, "full")] + [(part, passes, part) for part in parts]
