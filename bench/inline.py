@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,17 @@ PARTS: dict[str, Callable[[InlinePath], tuple[bool, Callable[[], None]]]] = {
 }
 
 
+@contextlib.contextmanager
+def _without(path: InlinePath, part: str) -> Iterator[bool]:
+    """``part`` left out of the path (``full``: nothing) while the block runs; yields
+    whether the frames carry an ``id``."""
+    with_id, undo = PARTS[part](path)
+    try:
+        yield with_id
+    finally:
+        undo()
+
+
 async def measure_costs(conns: int, per_tick: int, seconds: float, repeat: int,
                         warmup: float) -> dict[str, Any]:
     """What each part costs per message: rounds alternate between the whole path and the
@@ -262,21 +273,15 @@ async def measure_costs(conns: int, per_tick: int, seconds: float, repeat: int,
     ns: dict[str, list[float]] = {name: [] for name in PARTS}
     async with _path(conns, per_tick) as path:
         for name in PARTS:  # warm every variant's code
-            with_id, undo = PARTS[name](path)
-            try:
+            with _without(path, name) as with_id:
                 await path.run_for(warmup / len(PARTS), with_id)
-            finally:
-                undo()
         for r in range(repeat):
             names = list(PARTS) if r % 2 == 0 else list(reversed(PARTS))
             for name in names:
-                with_id, undo = PARTS[name](path)
-                try:
+                with _without(path, name) as with_id:
                     c0 = time.process_time()
                     n = await path.run_for(seconds, with_id)
                     ns[name].append(1e9 * (time.process_time() - c0) / n)
-                finally:
-                    undo()
         queued = path.queued()
     medians = {name: round(statistics.median(v)) for name, v in ns.items()}
     out = {"conns": conns, "per_tick": per_tick, "rounds": repeat,
@@ -307,11 +312,8 @@ async def run_fixed(conns: int, per_tick: int, passes: int, part: str) -> int:
         # here, as the heartbeat does, or every recipient would look dead (not inline)
         await path.rt.hub.beat()
         await path.run_passes(WARM_PASSES)
-        with_id, undo = PARTS[part](path)
-        try:
+        with _without(path, part) as with_id:
             n = await path.run_passes(passes, with_id)
-        finally:
-            undo()
         if path.queued():
             raise SystemExit("a frame left the inline path")
     return n
@@ -358,8 +360,9 @@ def measure_counts(conns: int, per_tick: int, passes: int, parts: list[str],
     done: dict[str, dict[str, int]] = {}
     while todo:
         batch, todo = todo[:jobs], todo[jobs:]
-        procs = [(name, workdir / f"cachegrind.{name}",
-                  _cachegrind(conns, per_tick, n, part, workdir / f"cachegrind.{name}"))
+        # ``<name>.out`` and ``<name>.log``: each run its own pair
+        procs = [(name, workdir / f"{name}.out",
+                  _cachegrind(conns, per_tick, n, part, workdir / f"{name}.out"))
                  for name, n, part in batch]
         for name, out, proc in procs:
             if proc.wait() != 0:
