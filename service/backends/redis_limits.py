@@ -97,14 +97,15 @@ end
 return out
 """
 
-# How long a lease's slots may be spent.  Two seconds cover a user who sends a message or
-# a few a second (an ICE exchange; 50 ms covered only senders of 20+ a second): their
-# acquisitions fall to about one per lease instead of one per message, and a message that
-# waits for one takes two round trips instead of one (``route``).  At 10,000 msg/s from
-# 1,000 users across two instances, 0.5 s gave 1,700 acquisitions a second; 2 s took
-# 5 % off the CPU per message.  The bounds above do not depend on it: a window still sees
-# at most one lease per worker beyond the limit, and the cap on a lease holds.
-LEASE_S = 2.0
+# How long a lease's slots may be spent.  Ten seconds cover a user who sends a message a
+# second or more (a call's signaling, the latency scenario's 1,000 users at 1,000 msg/s):
+# after its first two messages none waits for an acquisition (a message that waits takes
+# two round trips instead of one, ``route``).  At 2 s a lease taken at one message had
+# lapsed by the third after it: 0.67 acquisitions per message at 1,000 msg/s across two
+# instances against 0.2-0.3 now, and 6-12 % less CPU per message (row 62 of
+# optimisations.md).  The bounds above do not depend on it: a window still sees at most
+# one lease per worker beyond the limit, and the cap on a lease holds.
+LEASE_S = 10.0
 LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
 KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
 

@@ -123,6 +123,47 @@ async def test_a_steady_sender_of_a_few_messages_a_second_takes_leases(
     await w.close()
 
 
+class _Clock:
+    """The limiter's clock (``time.monotonic`` and ``time.time``), moved by hand: a pace
+    of seconds per message without the test taking seconds.  Redis reads the window from
+    the timestamps the limiter sends, so it keeps the same time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1.7e9 + self.now
+
+
+async def test_a_sender_of_one_message_a_second_waits_only_for_its_first_two(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One message a second (a user in a call, or the latency scenario's 1,000 msg/s from
+    1,000 users): after the first two, every message is spent from a lease renewed ahead.
+    With leases of 2 s, a lease taken at one message had lapsed by the third after it, and
+    about every third message waited for an acquisition (two round trips instead of
+    one)."""
+    clock = _Clock()
+    monkeypatch.setattr(rl, "time", clock)
+    # a cap of 5 slots, as the default 100/second; a window long enough that Redis keeps
+    # every slot of the test (its expiry runs on the real clock)
+    w = redis_rate_limiter(redis_url, redis, "100/minute")
+    key = "sig:rl:" + parse("100/minute").key_for("u", "caller")
+    admitted = 0
+    for _ in range(20):
+        admitted += await resolve(w.admit("caller")) is None
+        assert await redis.llen(key) >= admitted  # never spent before it was counted
+        clock.now += 1.0
+    assert admitted == 20
+    assert w.waited == 2, w.waited
+    # the slots it holds stay within the cap
+    assert w._leases["caller"][0] <= 5
+    await w.close()
+
+
 async def test_a_steady_senders_lease_grows_to_its_pace(redis_url: str, redis: Any) -> None:
     """A sender of one message per 10 ms tick (100 a second, far under the limit): its
     lease grows until it lasts about half a lease period, so acquisitions fall to a few a
