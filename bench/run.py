@@ -46,6 +46,7 @@ from bench.loadgen import LoadGen  # noqa: E402
 from bench.procstat import Group, cpu_count, open_fds  # noqa: E402
 from bench.servers import (  # noqa: E402
     Servers,
+    commands_delta,
     npm_install,
     secret,
     start_floor,
@@ -210,6 +211,8 @@ class Bench:
             def on_window(edge: str) -> None:
                 marks[edge] = (server.cpu(), redis.cpu(), genp.cpu(), time.monotonic(),
                                server.io())
+                # after the CPU marks: ``redis-cli`` takes a few milliseconds
+                marks[edge + "_redis"] = srv.redis_commands()
 
             st = gen.run(mode, warmup=a.warmup, duration=a.duration, window=window, rate=rate,
                          drain=a.drain, on_window=on_window)
@@ -237,6 +240,16 @@ class Bench:
                 max_ms=st.lat_us[-1] / 1000 if st.lat_us else None,
                 latency_samples=len(st.lat_us),
             )
+            c0, c1 = marks["start_redis"], marks["end_redis"]
+            if c0 is not None and c1 is not None:
+                # what Redis ran in the window (ours or socket.io's adapter): script calls,
+                # stream reads and writes, the limiter's steps, per message and in all
+                commands = commands_delta(c0, c1)
+                commands.pop("info", None)  # the start mark's own INFO
+                row["redis_commands"] = commands
+                row["redis_calls_per_msg"] = (
+                    round(sum(c["calls"] for c in commands.values()) / msgs, 3)
+                    if msgs else None)
             status = gen.status()
             row.update(open_at_end=status["open"], dropped=status["dropped"],
                        close_codes=status["close_codes"])

@@ -48,6 +48,12 @@ class Servers:
     def redis_pids(self) -> list[int]:
         return [self.redis.proc.pid] if self.redis else []
 
+    def redis_commands(self) -> CommandStats | None:
+        """Redis's own count of each command so far (``INFO commandstats``); None without
+        a Redis.  Two of them, taken at the measured window's edges, make
+        ``commands_delta``."""
+        return command_stats(self.redis.cli("INFO", "commandstats")) if self.redis else None
+
     def log_tail(self, n: int = 3000) -> str:
         return "\n".join(p.read_text(errors="replace")[-n:] for p in self.logs if p.exists())
 
@@ -60,6 +66,34 @@ class Servers:
         if self.redis is not None:
             self.redis.stop()
             shutil.rmtree(self.redis.dir, ignore_errors=True)
+
+
+CommandStats = dict[str, tuple[int, int]]  # command -> (calls, microseconds)
+
+
+def command_stats(info: str) -> CommandStats:
+    """The calls and the microseconds of each command in an ``INFO commandstats`` reply
+    (``cmdstat_<name>:calls=N,usec=N,...`` lines)."""
+    out: CommandStats = {}
+    for line in info.splitlines():
+        if not line.startswith("cmdstat_"):
+            continue
+        name, _, rest = line[len("cmdstat_"):].partition(":")
+        fields = dict(kv.split("=", 1) for kv in rest.strip().split(",") if "=" in kv)
+        out[name] = (int(fields["calls"]), int(fields["usec"]))
+    return out
+
+
+def commands_delta(before: CommandStats, after: CommandStats) -> dict[str, dict[str, int]]:
+    """What Redis ran between two ``command_stats``: calls and microseconds (Redis's wall
+    clock: on a shared core it includes time the server waited for the CPU) of each
+    command it ran at all, by name."""
+    out: dict[str, dict[str, int]] = {}
+    for name, (calls, usec) in sorted(after.items()):
+        calls0, usec0 = before.get(name, (0, 0))
+        if calls > calls0:
+            out[name] = {"calls": calls - calls0, "usec": usec - usec0}
+    return out
 
 
 def _stop_popen(proc: subprocess.Popen[bytes]) -> None:

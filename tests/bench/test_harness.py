@@ -423,3 +423,30 @@ def test_small_ratios_keep_two_significant_digits() -> None:
             _row("latency", "socketio-redis-x2", 0, 1000.0, 0.3, 712.0, conns=400, rate=1e4)]
     md = report.markdown({"rows": rows})
     assert "| p99 ×0.0049 | – | ×1.00 |" in md  # not ×0.00
+
+
+def test_redis_command_counts_are_taken_over_a_window() -> None:
+    """``Servers.redis_commands`` at two moments: the delta holds what Redis ran between
+    them, per command, and nothing it ran before."""
+    from bench.servers import Servers, commands_delta
+    from tests.support import start_redis
+
+    redis = start_redis()
+    try:
+        srv = Servers("probe", [], [], redis=redis)
+        redis.cli("SET", "before", "1")
+        first = srv.redis_commands()
+        for i in range(3):
+            redis.cli("SET", f"k{i}", "v")
+        redis.cli("GET", "k1")
+        second = srv.redis_commands()
+        assert first is not None and second is not None
+        delta = commands_delta(first, second)
+        assert delta["set"]["calls"] == 3  # not the SET before the window
+        assert delta["get"]["calls"] == 1
+        assert delta["get"]["usec"] >= 0
+        assert "del" not in delta  # commands it never ran are left out
+    finally:
+        redis.stop()
+        shutil.rmtree(redis.dir, ignore_errors=True)
+    assert Servers("peerjs", [], []).redis_commands() is None
