@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis as redis_py
+
 from bench.procstat import pinned
 from tests.support import (
     SECRET,
@@ -52,7 +54,12 @@ class Servers:
         """Redis's own count of each command so far (``INFO commandstats``); None without
         a Redis.  Two of them, taken at the measured window's edges, make
         ``commands_delta``."""
-        return command_stats(self.redis.cli("INFO", "commandstats")) if self.redis else None
+        if self.redis is None:
+            return None
+        with redis_py.Redis(port=self.redis.port) as client:
+            info = client.info("commandstats")  # {"cmdstat_<name>": {"calls": N, "usec": N, ...}}
+        return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+                for name, v in info.items()}
 
     def log_tail(self, n: int = 3000) -> str:
         return "\n".join(p.read_text(errors="replace")[-n:] for p in self.logs if p.exists())
@@ -71,21 +78,8 @@ class Servers:
 CommandStats = dict[str, tuple[int, int]]  # command -> (calls, microseconds)
 
 
-def command_stats(info: str) -> CommandStats:
-    """The calls and the microseconds of each command in an ``INFO commandstats`` reply
-    (``cmdstat_<name>:calls=N,usec=N,...`` lines)."""
-    out: CommandStats = {}
-    for line in info.splitlines():
-        if not line.startswith("cmdstat_"):
-            continue
-        name, _, rest = line[len("cmdstat_"):].partition(":")
-        fields = dict(kv.split("=", 1) for kv in rest.strip().split(",") if "=" in kv)
-        out[name] = (int(fields["calls"]), int(fields["usec"]))
-    return out
-
-
 def commands_delta(before: CommandStats, after: CommandStats) -> dict[str, dict[str, int]]:
-    """What Redis ran between two ``command_stats``: calls and microseconds (Redis's wall
+    """What Redis ran between two ``Servers.redis_commands``: calls and microseconds (Redis's wall
     clock: on a shared core it includes time the server waited for the CPU) of each
     command it ran at all, by name."""
     out: dict[str, dict[str, int]] = {}
