@@ -71,9 +71,6 @@ CROSS: dict[str, tuple[str, Starter]] = {
         "signaling", lambda c: start_signaling(redis=True, instances=2, cpus=c)),
     "socketio-redis-x2": ("socketio", lambda c: start_socketio(instances=2, cpus=c)),
 }
-# Run only when named in --servers: our server with messages that carry no ``id``, so no
-# ack is sent (PROTOCOL.md §3), which is what the peers do for every message.  Not what the
-# targets are measured on (acks on); it shows what the acks cost.
 ALT_PYTHON: list[str] = []  # --alt-python
 
 
@@ -83,6 +80,9 @@ def _start_alt(cpus: set[int] | None) -> Servers:
     return start_signaling(redis=False, cpus=cpus, python=ALT_PYTHON[0])
 
 
+# Run only when named in --servers: our server with messages that carry no ``id``, so no
+# ack is sent (PROTOCOL.md §3), which is what the peers do for every message.  Not what the
+# targets are measured on (acks on); it shows what the acks cost.
 NOACK_SINGLE: dict[str, tuple[str, Starter]] = {
     "signaling-memory-noack": ("signaling-noack", SINGLE["signaling-memory"][1]),
     # bench/floor.py: the least a Python relay on uvloop does per message (PeerJS wire)
