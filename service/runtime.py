@@ -44,6 +44,7 @@ class Runtime:
             heartbeat_interval=settings.heartbeat_interval,
             token_expiring_notice=settings.token_expiring_notice,
             resume_window=settings.resume_window,
+            resume_max_messages=settings.resume_max_messages,
             takeover_probe=settings.takeover_probe,
             stats=self.stats,
         )

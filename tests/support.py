@@ -3,6 +3,7 @@ port, real server processes, token minting and a small websocket client wrapper.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,20 @@ from service.auth import mint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+
+def gate_park(hub: Any) -> asyncio.Event:
+    """``hub``'s park reaches the store only once the returned event is set: the store says
+    "live here" meanwhile, as Redis does during the park's round trip."""
+    gate = asyncio.Event()
+    park = hub.presence.park
+
+    async def slow_park(*args: Any) -> Any:
+        await gate.wait()
+        return await park(*args)
+
+    hub.presence.park = slow_park
+    return gate
 
 
 def free_port() -> int:

@@ -51,7 +51,10 @@ log = logging.getLogger("signaling.backplane")
 _Pending = tuple[str, "Envelope | None", bytes, "asyncio.Future[bool]"]
 # (user, only, skip, frame, ts, sender, then): a ``route_then`` call
 _Route = tuple[str, str, str, bytes, int, int, "Callable[[RouteOutcome], None]"]
-_KIND = {"deliver": b"d", "members": b"m", "kick": b"k", "kicked": b"K", "presence": b"p"}
+_KIND = {
+    "deliver": b"d", "members": b"m", "kick": b"k", "kicked": b"K", "presence": b"p",
+    "parked": b"P",
+}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 _KIND_S = {k: v.decode() for k, v in _KIND.items()}
 _KIND_S_BACK = {v: k for k, v in _KIND_S.items()}
@@ -82,6 +85,18 @@ if not v or state(ARGV[5], v) ~= 1 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+# KEYS as ``_KEEP``'s; ARGV: device, max, ttl, node prefix, then the frames (oldest first).
+# Puts them at the head of the list, ahead of what was kept since (``keep_first``).
+_KEEP_FIRST = _ALIVE + """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v or state(ARGV[4], v) ~= 1 then return 0 end
+for i = #ARGV, 5, -1 do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
@@ -324,6 +339,7 @@ class RedisBackplane(LoopBound):
         frames kept for parked devices."""
         self._redis = redis
         self._keep_script = redis.register_script(_KEEP)
+        self._keep_first_script = redis.register_script(_KEEP_FIRST)
         self._keep_max = keep_max
         self._keep_ttl = keep_ttl or ttl
         self._reader = reader
@@ -391,6 +407,17 @@ class RedisBackplane(LoopBound):
     def keep(self, user: str, device: str, frame: bytes) -> asyncio.Future[bool]:
         """Keep a frame for a parked device, in the same ordered pipeline as ``send``."""
         return self._submit(keys.kept(user, device), None, frame)
+
+    async def keep_first(self, user: str, device: str, frames: list[bytes]) -> bool:
+        """Keep frames ahead of those kept already (rare: a race with a park), in a call
+        of its own: their order against ``keep``'s appends does not matter."""
+        if self._closed:
+            raise ConnectionError("backplane closed")
+        kept = await self._keep_first_script(
+            keys=[keys.devices(user), keys.kept(user, device)],
+            args=[device, self._keep_max, self._keep_ttl, keys.node_alive_prefix(), *frames],
+        )
+        return bool(kept == 1)
 
     def _submit(self, key: str, env: Envelope | None, frame: bytes) -> asyncio.Future[bool]:
         fut: asyncio.Future[bool] = self.running_loop().create_future()

@@ -57,7 +57,10 @@ class Envelope(NamedTuple):
     - ``kick``: close connection ``conn`` of ``user``/``devices[0]`` with 4009, and answer
       ``kicked`` to the ``node|conn`` in ``frame``;
     - ``kicked``: the answer to a kick, for the new connection ``conn``;
-    - ``presence``: the online devices of ``user`` changed; watchers here re-read them.
+    - ``presence``: the online devices of ``user`` changed; watchers here re-read them;
+    - ``parked``: sent by a worker to itself once the store has parked ``user``/
+      ``devices[0]`` (connection ``conn``): nothing routed here for that device before
+      the park is still behind it in the inbox.
 
     ``ts`` is the sender's acceptance time in unix ms (for the delivery-latency metric).
     Immutable: a named tuple, because two are built per cross-worker message (a frozen
@@ -190,6 +193,13 @@ class Backplane(Protocol):
     def keep(self, user: str, device: str, frame: bytes) -> Awaitable[bool]:
         """Keep ``frame`` for a parked device (bounded, expiring), in order with ``send``;
         False when the device is no longer parked (route it again)."""
+        ...
+
+    def keep_first(self, user: str, device: str, frames: list[bytes]) -> Awaitable[bool]:
+        """Keep ``frames`` (oldest first) for a parked device ahead of every frame kept for
+        it already (within the same bound, oldest dropped first): for frames that were
+        routed to its worker before the store said it was parked, and so precede whatever
+        senders kept since.  False when the device is no longer parked (route them again)."""
         ...
 
     def route(

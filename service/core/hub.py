@@ -53,6 +53,7 @@ class Hub:
         heartbeat_interval: float = 5.0,
         token_expiring_notice: int = 60,
         resume_window: float = 30.0,
+        resume_max_messages: int = 1000,
         takeover_probe: float = 2.0,
         stats: Stats | None = None,
         clock_ms: Callable[[], int] = now_ms,
@@ -66,6 +67,7 @@ class Hub:
         self.heartbeat_interval = heartbeat_interval
         self.token_expiring_notice = token_expiring_notice
         self.resume_window = resume_window
+        self.resume_max_messages = resume_max_messages
         # seconds the worker of a replaced connection has to answer before it is taken
         # for dead (crashed, not yet known dead): then the new connection resumes instead
         self.takeover_probe = takeover_probe
@@ -77,6 +79,12 @@ class Hub:
         # sessions whose claim is out: the store may name this worker for the device before
         # ``connect`` has its answer, and what is routed here meanwhile must not be lost
         self._claiming: dict[tuple[str, str], Session] = {}
+        # devices being parked here (§10), with the connection parked last and the frames
+        # held for them: from the session's removal until this worker reads back, from
+        # its own inbox, the ``parked`` marker it queued after the store parked the device.
+        # What is routed here for the device meanwhile was routed before the park, so it
+        # is kept ahead of whatever senders kept since (it used to be dropped, acked)
+        self._parking: dict[Member, tuple[str, list[bytes]]] = {}
         self.rooms: dict[str, dict[Member, Session]] = {}
         self.watchers: dict[str, set[Session]] = {}
         # (when, seq, kind, session, exp): weak references, so that a closed connection is
@@ -246,19 +254,31 @@ class Hub:
         instead stays online with its rooms for RESUME_WINDOW, its messages kept (§10).
         Safe to call for a session that never connected, and twice."""
         devices = self.sessions.get(session.user_id)
+        park = park and self.resume_window > 0
+        hold = False
         if devices is not None and devices.get(session.device_id) is session:
             del devices[session.device_id]
             self._count -= 1
             if not devices:
                 del self.sessions[session.user_id]
-        await self.unwatch(session, list(session.watching))
-        if (
-            park
-            and self.resume_window > 0
-            and await self.presence.park(
+            if park:
+                self._hold_for(session)
+                hold = True
+        try:
+            await self.unwatch(session, list(session.watching))
+            parked = park and await self.presence.park(
                 session.user_id, session.device_id, session.location, self.resume_window
             )
-        ):
+        except BaseException:
+            if hold:
+                self._settle_held(session.member, session.conn_id)
+            raise
+        if hold:
+            if parked:
+                self._spawn(self._mark_parked(session))
+            else:
+                self._settle_held(session.member, session.conn_id)
+        if parked:
             for room in list(session.rooms):
                 self._forget_local(session, room)
             return
@@ -274,6 +294,55 @@ class Hub:
                 await self.leave(session, room)
             await self.presence.release(session.user_id, session.device_id, session.location)
         await self.notify_presence(session.user_id)
+
+    def _hold_for(self, session: Session) -> None:
+        """From now on, frames routed here for the session's device are held (``deliver``)
+        until ``_settle_held``; an earlier parking of the device here hands its frames on."""
+        entry = self._parking.get(session.member)
+        self._parking[session.member] = (session.conn_id, entry[1] if entry else [])
+
+    async def _mark_parked(self, session: Session) -> None:
+        """Queue the ``parked`` marker to this worker's own inbox: it comes back after
+        every frame routed here before the park (an inbox keeps the store's order)."""
+        marker = Envelope("parked", session.user_id, (session.device_id,), conn=session.conn_id)
+        try:
+            if await self.backplane.send(self.node_id, marker):
+                return
+        except Exception:
+            self.stats.backplane_error("keep")
+        self._settle_held(session.member, session.conn_id)  # no marker will come: now
+
+    def _settle_held(self, member: Member, conn: str) -> None:
+        """Stop holding for ``member`` (unless a later parking of it, not ``conn``'s, took
+        over the hold) and keep or route what was held."""
+        entry = self._parking.get(member)
+        if entry is None or entry[0] != conn:
+            return
+        del self._parking[member]
+        if entry[1]:
+            self._spawn(self._keep_held(member, entry[1]))
+
+    async def _keep_held(self, member: Member, frames: list[bytes]) -> None:
+        """Frames held while ``member`` was being parked: kept ahead of the frames kept
+        since; when it is no longer parked (resumed already, or taken over), routed to
+        where it is now.  Lost only when it is gone or Redis fails (counted)."""
+        user, device = member
+        try:
+            if await self.backplane.keep_first(user, device, frames):
+                return
+            loc = (await self.presence.locate([user])).get(user, {}).get(device)
+            if loc is None:
+                return  # offline: what any message for it would find
+            if loc.node == self.node_id:
+                for frame in frames:
+                    self.deliver(user, (device,), frame)
+            elif loc.node == PARKED:  # parked again, by another worker
+                await self.backplane.keep_first(user, device, frames)
+            else:
+                for frame in frames:
+                    await self.backplane.send(loc.node, Envelope("deliver", user, (device,), frame))
+        except Exception:
+            self.stats.backplane_error("keep")
 
     def local(self, user: str, device: str) -> Session | None:
         devices = self.sessions.get(user)
@@ -328,7 +397,7 @@ class Hub:
     def deliver(self, user: str, devices: Iterable[str], frame: bytes) -> int:
         """Queue ``frame`` for the named local devices; returns how many took it."""
         local = self.sessions.get(user)
-        if not local and not self._claiming:
+        if not local and not self._claiming and not self._parking:
             return 0
         n = 0
         for device in devices:
@@ -337,6 +406,15 @@ class Hub:
                 # claimed in the store, the answer not back here yet: it joins the live
                 # traffic that ``connect`` holds back until after the welcome
                 s = self._claiming.get((user, device))
+            if s is None and self._parking:
+                entry = self._parking.get((user, device))
+                if entry is not None:  # being parked: held, then kept (``_hold_for``)
+                    held = entry[1]
+                    held.append(frame)
+                    if len(held) > self.resume_max_messages:
+                        del held[0]  # as the kept list drops them: oldest first
+                    n += 1
+                    continue
             if s is not None and s.push(frame):
                 n += 1
         return n
@@ -388,6 +466,8 @@ class Hub:
                 fut.set_result(None)
         elif env.kind == "presence":
             self._spawn(self.refresh_watchers(env.user))
+        elif env.kind == "parked" and env.devices:
+            self._settle_held((env.user, env.devices[0]), env.conn)
 
     async def _reply(self, node: str, env: Envelope) -> None:
         if node == self.node_id:

@@ -263,11 +263,23 @@ class MemoryBackplane:
 
     async def keep(self, user: str, device: str, frame: bytes) -> bool:
         c = self.cluster
-        loc = c.devices.get(user, {}).get(device)
-        if loc is None or c.state(loc) != RESUMABLE:
+        if not self._parked(user, device):
             return False  # resumed (or gone) meanwhile: the caller routes it again
         c.kept.setdefault((user, device), deque(maxlen=c.resume_max_messages)).append(frame)
         return True
+
+    async def keep_first(self, user: str, device: str, frames: list[bytes]) -> bool:
+        c = self.cluster
+        if not self._parked(user, device):
+            return False
+        # a bounded deque built from a longer list keeps its end: the oldest go first
+        kept = c.kept.get((user, device), ())
+        c.kept[(user, device)] = deque([*frames, *kept], maxlen=c.resume_max_messages)
+        return True
+
+    def _parked(self, user: str, device: str) -> bool:
+        loc = self.cluster.devices.get(user, {}).get(device)
+        return loc is not None and self.cluster.state(loc) == RESUMABLE
 
     def resume(self, sender: int) -> None:
         self._stopped.discard(sender)

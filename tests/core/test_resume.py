@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from tests.core.conftest import Node, frames, settle
+from tests.support import gate_park
 
 
 def welcome(resumed: bool, missed: int) -> bytes:
@@ -180,3 +181,95 @@ async def test_a_message_for_a_device_claimed_but_not_yet_registered_here_is_hel
     gate.set()
     await connecting
     assert [f["type"] for f in frames(new)] == ["welcome", "offer"]
+
+
+def _marker_gate(cluster: Any, name: str) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """Node ``name`` reads its ``parked`` markers only once the event is set (await the
+    task after setting it)."""
+    gate, late = asyncio.Event(), []
+    sink = cluster.sinks[name]
+
+    def gated(env: Any) -> None:
+        if env.kind == "parked" and not gate.is_set():
+            late.append(env)
+        else:
+            sink(env)
+
+    async def release() -> None:
+        await gate.wait()
+        for env in late:
+            sink(env)
+
+    cluster.sinks[name] = gated
+    return gate, asyncio.create_task(release())
+
+
+async def test_messages_routed_while_the_device_is_being_parked_are_kept_in_order(
+    make_node, cluster
+):
+    """A drop is seen, the session is gone from its worker, and the store still says "live
+    there" until the park lands: what is routed to that worker meanwhile (from another
+    worker, or from its own) is kept, ahead of what senders keep once the park landed, even
+    when those come before the worker has read back all it held.  It used to be acked
+    and dropped, or answered ``peer_offline``."""
+    a, b = await make_node("A"), await make_node("B")
+    alice = await b.connect("alice", "a1")
+    local = await a.connect("lo", "l1")
+    bob = await a.connect("bob", "b1")
+    park_gate = gate_park(a.hub)
+    marker_gate, released = _marker_gate(cluster, "A")
+    parking = asyncio.create_task(a.hub.disconnect(bob, park=True))
+    await settle()
+    await b.send(alice, type="offer", to="bob", payload=1, id="m1")
+    await a.send(local, type="offer", to="bob", payload=2, id="m2")
+    park_gate.set()
+    await parking
+    await b.send(alice, type="offer", to="bob", payload=3, id="m3")  # kept by the sender
+    marker_gate.set()
+    await released
+    await settle()
+    assert [f["devices"] for f in frames(alice)] == [1, 1]
+    assert [f["devices"] for f in frames(local)] == [1]
+    bob2 = Node.session(b, "bob", "b1")
+    assert await b.hub.connect(bob2, welcome) is True
+    got = frames(bob2)
+    assert got[0] == {"type": "welcome", "resumed": True, "missed": 3}
+    assert [f["payload"] for f in got[1:]] == [1, 2, 3]
+
+
+async def test_messages_held_for_a_park_that_lost_to_a_takeover_reach_the_new_connection(
+    make_node
+):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await b.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    park_gate = gate_park(a.hub)
+    parking = asyncio.create_task(a.hub.disconnect(bob, park=True))
+    await settle()
+    await b.send(alice, type="offer", to="bob", payload=1, id="m1")
+    bob2 = await b.connect("bob", "b1")  # a new connection took the device meanwhile
+    park_gate.set()
+    await parking
+    await settle()
+    assert [f["devices"] for f in frames(alice)] == [1]
+    assert [f.get("payload") for f in frames(bob2)] == [1]
+    assert a.hub._parking == {}
+
+
+async def test_what_is_held_for_a_parking_device_is_bounded(make_node, cluster):
+    cluster.resume_max_messages = 3
+    a = await make_node("A", resume_max_messages=3)
+    alice = await a.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    park_gate = gate_park(a.hub)
+    parking = asyncio.create_task(a.hub.disconnect(bob, park=True))
+    await settle()
+    for i in range(5):
+        await a.send(alice, type="offer", to="bob", payload=i)
+    assert len(a.hub._parking[("bob", "b1")][1]) == 3
+    park_gate.set()
+    await parking
+    await settle()
+    bob2 = Node.session(a, "bob", "b1")
+    assert await a.hub.connect(bob2, welcome) is True
+    assert [f["payload"] for f in frames(bob2)[1:]] == [2, 3, 4]

@@ -439,3 +439,20 @@ async def test_route_after_close_fails(make_bp: Any) -> None:
     await a.close()
     with pytest.raises(ConnectionError):
         await a.route("bob", None, None, b"x", 1, 1)
+
+
+async def test_keep_first_puts_frames_ahead_of_those_kept_within_the_bound(
+    make_bp: Any, redis: Any
+) -> None:
+    a, _ = await make_bp("A", keep_max=4)
+    await _devices_at(redis, "u", d=_parked("c"), e="A|x")
+    assert await a.keep("u", "d", b"k1")
+    assert await a.keep_first("u", "d", [b"h1", b"h2"])
+    assert await redis.lrange(keys.kept("u", "d"), 0, -1) == [b"h1", b"h2", b"k1"]
+    assert await a.keep_first("u", "d", [b"g1", b"g2"])  # over the bound: oldest go
+    assert await redis.lrange(keys.kept("u", "d"), 0, -1) == [b"g2", b"h1", b"h2", b"k1"]
+    assert 0 < await redis.ttl(keys.kept("u", "d")) <= 10
+    # not parked (live, or unknown): refused, nothing written
+    assert not await a.keep_first("u", "e", [b"z"])
+    assert not await a.keep_first("u", "nobody", [b"z"])
+    assert not await redis.exists(keys.kept("u", "e"), keys.kept("u", "nobody"))

@@ -1,23 +1,42 @@
-"""The router on the Redis backends, counted in round trips of the shared lane."""
+"""The router and the hub on the Redis backends: round trips of the shared lane, and a
+park racing the messages on their way to the parked device."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from service.auth import Identity
+from service.backends import keys
 from service.config import Settings
 from service.core.contracts import Location
 from service.core.session import Session
 from service.runtime import Runtime
+from tests.support import gate_park
 
 
-def _runtime(redis_url: str) -> Runtime:
+def _runtime(redis_url: str, rate: str = "1/minute") -> Runtime:
     return Runtime.build(
         Settings.from_env({"JWT_SECRET": "s" * 40, "REDIS_URL": redis_url,
-                           "RATE_LIMIT": "1/minute"})
+                           "RATE_LIMIT": rate})
     )
+
+
+@contextlib.asynccontextmanager
+async def _two_workers(redis_url: str, rate: str = "1/minute") -> AsyncIterator[
+        tuple[Runtime, Runtime]]:
+    """Two workers on the same Redis, started, and closed afterwards."""
+    a, b = _runtime(redis_url, rate), _runtime(redis_url, rate)
+    try:
+        await a.start()
+        await b.start()
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 def _session(rt: Runtime, user: str, device: str) -> Session:
@@ -32,6 +51,10 @@ def _frames(session: Session) -> list[dict[str, Any]]:
     return [json.loads(f) for f in session.outbox]
 
 
+def _taken_from(session: Session) -> list[dict[str, Any]]:
+    return [json.loads(f) for f in session.take()]
+
+
 async def _send(rt: Runtime, session: Session, msg: dict[str, Any]) -> None:
     """What the edge does with one frame read alone in its tick."""
     admission = rt.limiter.admit(session.user_id)
@@ -41,10 +64,7 @@ async def _send(rt: Runtime, session: Session, msg: dict[str, Any]) -> None:
 async def test_a_lone_message_looks_up_its_recipient_with_the_limiter(redis_url: str) -> None:
     """A message that waits for the cluster-wide limiter has its recipient looked up in
     the same round trip: limiter + lookup, then the stream write (2 round trips, not 3)."""
-    a, b = _runtime(redis_url), _runtime(redis_url)
-    try:
-        await a.start()
-        await b.start()
+    async with _two_workers(redis_url) as (a, b):
         alice = _session(a, "alice", "phone")
         bob = _session(b, "bob", "laptop")
         await a.hub.connect(alice)
@@ -70,9 +90,6 @@ async def test_a_lone_message_looks_up_its_recipient_with_the_limiter(redis_url:
         assert _frames(alice)[-1]["code"] == "rate_limited"
         await asyncio.sleep(0.1)
         assert sum(f["type"] == "offer" for f in _frames(bob)) == 2
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_an_admitted_message_is_looked_up_and_queued_in_one_round_trip(
@@ -81,10 +98,7 @@ async def test_an_admitted_message_is_looked_up_and_queued_in_one_round_trip(
     """Admitted already (a lease, or a batch's answer): one round trip for the lookup and
     the stream write together; a recipient with a device on the sender's worker takes the
     lookup's round trip and then the write's."""
-    a, b = _runtime(redis_url), _runtime(redis_url)
-    try:
-        await a.start()
-        await b.start()
+    async with _two_workers(redis_url) as (a, b):
         alice = _session(a, "alice", "phone")
         bob = _session(b, "bob", "laptop")
         carol_here, carol_there = _session(a, "carol", "c1"), _session(b, "carol", "c2")
@@ -109,9 +123,6 @@ async def test_an_admitted_message_is_looked_up_and_queued_in_one_round_trip(
             await asyncio.sleep(0.01)
         assert [f["payload"] for f in _frames(bob) if f["type"] == "offer"] == [1]
         assert [f["payload"] for f in _frames(carol_there) if f["type"] == "offer"] == [2]
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_leased_messages_start_in_the_read_callback_in_one_round_trip(
@@ -120,11 +131,7 @@ async def test_leased_messages_start_in_the_read_callback_in_one_round_trip(
     """Once a lease covers the sender, ``handle_now`` starts its messages itself, one after
     the other without waiting: they share one lane round trip, the acks come from its
     callback in order, and nothing is in flight afterwards."""
-    settings = {"JWT_SECRET": "s" * 40, "REDIS_URL": redis_url, "RATE_LIMIT": "1000/second"}
-    a, b = (Runtime.build(Settings.from_env(settings)) for _ in range(2))
-    try:
-        await a.start()
-        await b.start()
+    async with _two_workers(redis_url, "1000/second") as (a, b):
         alice, bob = _session(a, "alice", "phone"), _session(b, "bob", "laptop")
         await a.hub.connect(alice)
         await b.hub.connect(bob)
@@ -148,6 +155,52 @@ async def test_leased_messages_start_in_the_read_callback_in_one_round_trip(
                 break
             await asyncio.sleep(0.01)
         assert [f["payload"] for f in _frames(bob) if f["type"] == "offer"] == [0, 1, 2, 3]
-    finally:
-        await a.close()
-        await b.close()
+
+
+async def _read_everything(redis: Any, node: str) -> None:
+    """Until worker ``node`` has read every entry of its inbox."""
+    inbox = keys.inbox(node)
+    for _ in range(500):
+        last = (await redis.xinfo_stream(inbox))["last-generated-id"]
+        group = (await redis.xinfo_groups(inbox))[0]
+        if group["last-delivered-id"] == last:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _kept(redis: Any, user: str, device: str, n: int) -> None:
+    """Until ``n`` frames are kept for the device (or 5 s have passed)."""
+    for _ in range(500):
+        if await redis.llen(keys.kept(user, device)) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_messages_routed_to_a_worker_while_it_parks_the_device_are_kept_in_order(
+    redis_url: str, redis: Any
+) -> None:
+    """The store says "live on A" until A's park lands: a message routed meanwhile is
+    queued to A's inbox and acked.  A holds it, and once the marker it queued to itself
+    after the park comes back, keeps it ahead of what senders kept since.  Before, A found
+    no session and dropped it."""
+    async with _two_workers(redis_url, "1000/second") as (a, b):
+        # users of their own: the limiter's counts in Redis outlive the tests above
+        alice = _session(b, "pia", "phone")
+        bob = _session(a, "rex", "laptop")
+        await b.hub.connect(alice)
+        await a.hub.connect(bob)
+        gate = gate_park(a.hub)
+        parking = asyncio.create_task(a.hub.disconnect(bob, park=True))
+        await _send(b, alice, {"type": "offer", "to": "rex", "payload": 1, "id": "m1"})
+        await _read_everything(redis, a.node_id)  # m1 reached A, after the session left
+        gate.set()
+        await parking
+        await _send(b, alice, {"type": "offer", "to": "rex", "payload": 2, "id": "m2"})
+        await _kept(redis, "rex", "laptop", 2)
+        assert [f.get("devices") for f in _taken_from(alice)] == [1, 1]
+        bob2 = _session(b, "rex", "laptop")
+        assert await b.hub.connect(bob2, lambda resumed, missed: json.dumps(
+            {"type": "welcome", "resumed": resumed, "missed": missed}).encode()) is True
+        got = _taken_from(bob2)
+        assert got[0] == {"type": "welcome", "resumed": True, "missed": 2}
+        assert [f["payload"] for f in got[1:]] == [1, 2]
