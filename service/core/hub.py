@@ -37,6 +37,8 @@ from .session import Session
 
 log = logging.getLogger("signaling.hub")
 
+CLOSE_KEEP_S = 2.0  # at close, the longest wait for held frames to be kept (``close``)
+
 
 class TooManyDevices(Exception):
     """The user already holds MAX_DEVICES_PER_USER live devices."""
@@ -112,6 +114,13 @@ class Hub:
         if self._closed:
             return
         self._closed = True
+        # frames held for devices being parked: kept now, their markers would come too late
+        held, self._parking = self._parking, {}
+        keeping = [self._keep_held(member, frames) for member, (_, frames) in held.items()
+                   if frames]
+        if keeping:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*keeping), CLOSE_KEEP_S)
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         for task in [*self._loops, *self._tasks]:

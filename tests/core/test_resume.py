@@ -273,3 +273,24 @@ async def test_what_is_held_for_a_parking_device_is_bounded(make_node, cluster):
     bob2 = Node.session(a, "bob", "b1")
     assert await a.hub.connect(bob2, welcome) is True
     assert [f["payload"] for f in frames(bob2)[1:]] == [2, 3, 4]
+
+
+async def test_frames_held_for_a_parking_device_are_kept_when_the_worker_stops_first(
+    make_node, cluster
+):
+    a, b = await make_node("A"), await make_node("B")
+    alice = await b.connect("alice", "a1")
+    bob = await a.connect("bob", "b1")
+    park_gate = gate_park(a.hub)
+    _, never = _marker_gate(cluster, "A")  # the marker does not come back before the stop
+    parking = asyncio.create_task(a.hub.disconnect(bob, park=True))
+    await settle()
+    await b.send(alice, type="offer", to="bob", payload=1, id="m1")
+    park_gate.set()
+    await parking
+    await a.hub.close()
+    assert frames(alice) == [{"type": "ack", "id": "m1", "devices": 1}]
+    bob2 = Node.session(b, "bob", "b1")
+    assert await b.hub.connect(bob2, welcome) is True
+    assert [f.get("payload") for f in frames(bob2)] == [None, 1]
+    never.cancel()
