@@ -411,22 +411,29 @@ class Hub:
         n = 0
         for device in devices:
             s = local.get(device) if local else None
-            if s is None and self._claiming:
-                # claimed in the store, the answer not back here yet: it joins the live
-                # traffic that ``connect`` holds back until after the welcome
-                s = self._claiming.get((user, device))
-            if s is None and self._parking:
-                entry = self._parking.get((user, device))
-                if entry is not None:  # being parked: held, then kept (``_hold_for``)
-                    held = entry[1]
-                    held.append(frame)
-                    if len(held) > self.resume_max_messages:
-                        del held[0]  # as the kept list drops them: oldest first
-                    n += 1
+            if s is None:  # (one test on the common path: a session here)
+                if self._claiming:
+                    # claimed in the store, the answer not back here yet: it joins the live
+                    # traffic that ``connect`` holds back until after the welcome
+                    s = self._claiming.get((user, device))
+                if s is None:
+                    n += self._hold(user, device, frame)
                     continue
-            if s is not None and s.push(frame):
+            if s.push(frame):
                 n += 1
         return n
+
+    def _hold(self, user: str, device: str, frame: bytes) -> int:
+        """1 when the device is being parked here: ``frame`` is held, then kept
+        (``_hold_for``); else 0."""
+        entry = self._parking.get((user, device))
+        if entry is None:
+            return 0
+        held = entry[1]
+        held.append(frame)
+        if len(held) > self.resume_max_messages:
+            del held[0]  # as the kept list drops them: oldest first
+        return 1
 
     async def send_members(self, room: str, targets: dict[Member, Location], frame: bytes) -> int:
         """Deliver ``frame`` to these room members: local ones directly, one envelope per
