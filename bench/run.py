@@ -211,7 +211,7 @@ class Bench:
             def on_window(edge: str) -> None:
                 marks[edge] = (server.cpu(), redis.cpu(), genp.cpu(), time.monotonic(),
                                server.io())
-                # after the CPU marks: ``redis-cli`` takes a few milliseconds
+                # after the CPU marks: the INFO round trip is not the window's CPU
                 marks[edge + "_redis"] = srv.redis_commands()
 
             st = gen.run(mode, warmup=a.warmup, duration=a.duration, window=window, rate=rate,

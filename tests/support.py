@@ -1,5 +1,6 @@
-"""Test helpers shared by the Redis and end-to-end suites: a real redis-server on a free
-port, real server processes, token minting and a small websocket client wrapper."""
+"""Test helpers shared by the suites: a real redis-server on a free port, real server
+processes, token minting, a small websocket client wrapper, and a park held back (core and
+Redis tests of the park race)."""
 
 from __future__ import annotations
 
