@@ -41,7 +41,7 @@ from ..core.contracts import (
 )
 from ..core.running import LoopBound, settle
 from . import keys
-from .lane import Batch, Lane, Packed, resp_args
+from .lane import Batch, Lane, Packed, pack, resp_args
 from .redis_presence import _ALIVE, _devices, _s
 from .scripts import evalsha, settled
 
@@ -318,6 +318,44 @@ def _bounded(items: list[_Pending]) -> Iterator[list[_Pending]]:
         yield run
 
 
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+class _Made:
+    """A worker's commands, or their parts, that never change: made once at ``start``, not
+    argument by argument for every round trip (the reads and the route call's head cost a
+    worker 15 and 8 µs a round trip when packed from their arguments)."""
+
+    __slots__ = ("route_args", "evalsha", "read_block", "read_now", "_xack", "_xtrim")
+
+    def __init__(self, node: str, sha: str, maxlen: int, count: int, block_ms: int) -> None:
+        inbox = keys.inbox(node).encode()
+        self.route_args = resp_args((
+            keys.node_alive_prefix(), node, keys.inbox(""), maxlen, ENTRY_ENVELOPES,
+            ENTRY_BYTES))
+        self.evalsha = resp_args(("EVALSHA", sha))  # the key count follows
+        head = [b"XREADGROUP", b"GROUP", keys.GROUP.encode(), keys.CONSUMER.encode(),
+                b"COUNT", b"%d" % count]
+        tail = [b"STREAMS", inbox, b">"]
+        self.read_block = Packed(pack([[*head, b"BLOCK", b"%d" % block_ms, *tail]]))
+        self.read_now = Packed(pack([[*head, *tail]]))
+        self._xack = _bulk(b"XACK") + _bulk(inbox) + _bulk(keys.GROUP.encode())
+        self._xtrim = (b"*5\r\n" + _bulk(b"XTRIM") + _bulk(inbox) + _bulk(b"MINID")
+                       + _bulk(b"~"))
+
+    def xack(self, ids: list[Any]) -> Packed:
+        """``XACK`` of ``ids`` (stream ids as Redis sent them: bytes, or str)."""
+        return Packed(b"".join((b"*%d\r\n" % (3 + len(ids)), self._xack,
+                                *(_bulk(i if type(i) is bytes else _s(i).encode())
+                                  for i in ids))))
+
+    def xtrim(self, last: Any) -> Packed:
+        """``XTRIM MINID ~`` just above ``last``: what was read up to it can go."""
+        ms, _, seq = _s(last).partition("-")
+        return Packed(self._xtrim + _bulk(b"%s-%d" % (ms.encode(), int(seq) + 1)))
+
+
 class RedisBackplane(LoopBound):
     def __init__(
         self,
@@ -355,6 +393,8 @@ class RedisBackplane(LoopBound):
         self._inbox_lane.add_source(self._take_read)
         self._lane.add_rider(self._ride_read)
         self._read_due = False  # see ``_take_read``
+        self._on_read_only = functools.partial(self._on_read, False)
+        self._on_read_acked = functools.partial(self._on_read, True)
         self._retry: asyncio.TimerHandle | None = None  # the next read after a failure
         self._backoff = READ_BACKOFF_S
         self._ttl = ttl
@@ -363,6 +403,7 @@ class RedisBackplane(LoopBound):
         self._block = block_ms
         self._stats: Stats = stats or NullStats()
         self._node: str | None = None
+        self._made: _Made | None = None  # this worker's fixed command parts (``start``)
         self._sink: EnvelopeSink | None = None
         self._pending: list[_Pending] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -375,6 +416,8 @@ class RedisBackplane(LoopBound):
 
     async def start(self, node: str, sink: EnvelopeSink) -> None:
         self._node, self._sink = node, sink
+        self._made = _Made(node, self._route_script.sha, self._maxlen, self._count,
+                           self._block)
         await self._ensure_group()
         # loaded now, not by the first routes' NOSCRIPT (whose senders would be held back)
         await self._redis.script_load(_ROUTE)
@@ -457,7 +500,8 @@ class RedisBackplane(LoopBound):
         if not self._routes:
             return []
         batch, self._routes = self._routes, []
-        assert self._node is not None
+        made = self._made
+        assert made is not None
         # The EVALSHA made here in RESP (``Packed``): its keys, then six arguments, then
         # five per message (``_ROUTE``'s ARGV).
         heads = self._heads
@@ -465,9 +509,7 @@ class RedisBackplane(LoopBound):
             heads.clear()
         stopped = self._stopped
         keys_out: list[bytes] = []
-        args_out: list[bytes] = [resp_args((
-            keys.node_alive_prefix(), self._node, keys.inbox(""), self._maxlen,
-            ENTRY_ENVELOPES, ENTRY_BYTES))]
+        args_out: list[bytes] = [made.route_args]
         for user, only, skip, frame, ts, sender, _ in batch:
             cached = heads.get(user)
             if cached is None:
@@ -484,9 +526,9 @@ class RedisBackplane(LoopBound):
             args_out.append(_ROUTE_ARGS % (len(who), who, len(o), o, len(k), k, cached[1],
                                            len(tail), tail))
         n = len(batch)
+        count = b"%d" % n
         command = Packed(b"".join((
-            b"*%d\r\n" % (3 + 6 + 6 * n),
-            resp_args(("EVALSHA", self._route_script.sha, n)),
+            b"*%d\r\n" % (3 + 6 + 6 * n), made.evalsha, b"$%d\r\n%b\r\n" % (len(count), count),
             *keys_out, *args_out)))
         commands = [command]
         return [(commands, settled(self._lane, commands, [self._route_script],
@@ -654,23 +696,17 @@ class RedisBackplane(LoopBound):
         """The next read, when one is due; the acknowledgement of the previous read's
         entries (delivered to their sessions' outboxes by then) travels in the same round
         trip, before it."""
-        if not self._read_due or self._closed or self._node is None:
+        made = self._made
+        if not self._read_due or self._closed or made is None:
             return []
         self._read_due = False
-        read = [b"XREADGROUP", b"GROUP", keys.GROUP, keys.CONSUMER, b"COUNT", b"%d" % self._count,
-                *((b"BLOCK", b"%d" % self._block) if block else ()), b"STREAMS", self.inbox,
-                b">"]
+        read = made.read_block if block else made.read_now
         ids = self._unacked
         if not ids:
-            return [([read], functools.partial(self._on_read, False))]
-        ms, _, seq = _s(ids[-1]).partition("-")
+            return [([read], self._on_read_only)]
         # every entry up to the last one read is acknowledged now (one reader, in order):
         # the stream below it can go
-        return [([
-            [b"XACK", self.inbox, keys.GROUP, *ids],
-            [b"XTRIM", self.inbox, b"MINID", b"~", f"{ms}-{int(seq) + 1}"],
-            read,
-        ], functools.partial(self._on_read, True))]
+        return [([made.xack(ids), made.xtrim(ids[-1]), read], self._on_read_acked)]
 
     def _on_read(self, acked: bool, result: list[Any] | BaseException) -> None:
         if self._closed:

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from service.backends import keys
+from service.backends.lane import pack
 from service.backends.redis_backplane import (
     ENTRY_BYTES,
     ENTRY_ENVELOPES,
     RedisBackplane,
+    _Made,
     decode_entry,
     encode_batch,
     encode_envelope,
@@ -456,3 +458,20 @@ async def test_keep_first_puts_frames_ahead_of_those_kept_within_the_bound(
     assert not await a.keep_first("u", "e", [b"z"])
     assert not await a.keep_first("u", "nobody", [b"z"])
     assert not await redis.exists(keys.kept("u", "e"), keys.kept("u", "nobody"))
+
+
+def test_the_commands_made_once_are_those_packed_from_their_arguments() -> None:
+    """``_Made``'s prebuilt reads, acknowledgements and the route call's head are byte for
+    byte what ``pack`` makes of the commands written out (so Redis sees no difference)."""
+    made = _Made("n1", "f" * 40, 10000, 512, 1000)
+    inbox = keys.inbox("n1")
+    head = ["XREADGROUP", "GROUP", keys.GROUP, keys.CONSUMER, "COUNT", 512]
+    assert pack([made.read_block]) == pack([[*head, "BLOCK", 1000, "STREAMS", inbox, ">"]])
+    assert pack([made.read_now]) == pack([[*head, "STREAMS", inbox, ">"]])
+    cases = [([b"1700000000000-7"], "1700000000000-8"),
+             (["1700000000000-7", "1700000000001-0"], "1700000000001-1")]
+    for ids, above in cases:
+        assert pack([made.xack(ids), made.xtrim(ids[-1])]) == pack([
+            ["XACK", inbox, keys.GROUP, *ids], ["XTRIM", inbox, "MINID", "~", above]])
+    count = 3
+    assert made.evalsha + b"$1\r\n3\r\n" == pack([["EVALSHA", "f" * 40, count]])[4:]
