@@ -74,6 +74,11 @@ class Packed(bytes):
     formatting per few arguments instead of a type test and one per argument."""
 
 
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
 def resp_args(args: Iterable[Any]) -> bytes:
     """The RESP of ``args`` without the array header (for a ``Packed`` command's maker)."""
     out: list[bytes] = []

@@ -41,7 +41,7 @@ from ..core.contracts import (
 )
 from ..core.running import LoopBound, settle
 from . import keys
-from .lane import Batch, Lane, Packed, pack, resp_args
+from .lane import Batch, Lane, Packed, bulk, pack, resp_args
 from .redis_presence import _ALIVE, _devices, _s
 from .scripts import evalsha, settled
 
@@ -318,10 +318,6 @@ def _bounded(items: list[_Pending]) -> Iterator[list[_Pending]]:
         yield run
 
 
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(value), value)
-
-
 class _Made:
     """A worker's commands, or their parts, that never change: made once at ``start``, not
     argument by argument for every round trip (the reads and the route call's head cost a
@@ -340,20 +336,20 @@ class _Made:
         tail = [b"STREAMS", inbox, b">"]
         self.read_block = Packed(pack([[*head, b"BLOCK", b"%d" % block_ms, *tail]]))
         self.read_now = Packed(pack([[*head, *tail]]))
-        self._xack = _bulk(b"XACK") + _bulk(inbox) + _bulk(keys.GROUP.encode())
-        self._xtrim = (b"*5\r\n" + _bulk(b"XTRIM") + _bulk(inbox) + _bulk(b"MINID")
-                       + _bulk(b"~"))
+        self._xack = bulk(b"XACK") + bulk(inbox) + bulk(keys.GROUP.encode())
+        self._xtrim = (b"*5\r\n" + bulk(b"XTRIM") + bulk(inbox) + bulk(b"MINID")
+                       + bulk(b"~"))
 
     def xack(self, ids: list[Any]) -> Packed:
         """``XACK`` of ``ids`` (stream ids as Redis sent them: bytes, or str)."""
         return Packed(b"".join((b"*%d\r\n" % (3 + len(ids)), self._xack,
-                                *(_bulk(i if type(i) is bytes else _s(i).encode())
+                                *(bulk(i if type(i) is bytes else _s(i).encode())
                                   for i in ids))))
 
     def xtrim(self, last: Any) -> Packed:
         """``XTRIM MINID ~`` just above ``last``: what was read up to it can go."""
         ms, _, seq = _s(last).partition("-")
-        return Packed(self._xtrim + _bulk(b"%s-%d" % (ms.encode(), int(seq) + 1)))
+        return Packed(self._xtrim + bulk(b"%s-%d" % (ms.encode(), int(seq) + 1)))
 
 
 class RedisBackplane(LoopBound):
@@ -517,8 +513,7 @@ class RedisBackplane(LoopBound):
                 # ``encode_batch``'s row, cut around its devices field (the script fills
                 # it in): the head here, the tail below
                 head = _ROW_HEAD + _encoder.encode((_KIND_S["deliver"], user))[1:]
-                cached = heads[user] = (b"$%d\r\n%b\r\n" % (len(key), key),
-                                        b"$%d\r\n%b\r\n" % (len(head), head))
+                cached = heads[user] = (bulk(key), bulk(head))
             keys_out.append(cached[0])
             who = b"!%d" % sender if sender in stopped else b"%d" % sender
             o, k = only.encode(), skip.encode()
@@ -526,9 +521,8 @@ class RedisBackplane(LoopBound):
             args_out.append(_ROUTE_ARGS % (len(who), who, len(o), o, len(k), k, cached[1],
                                            len(tail), tail))
         n = len(batch)
-        count = b"%d" % n
         command = Packed(b"".join((
-            b"*%d\r\n" % (3 + 6 + 6 * n), made.evalsha, b"$%d\r\n%b\r\n" % (len(count), count),
+            b"*%d\r\n" % (3 + 6 + 6 * n), made.evalsha, bulk(b"%d" % n),
             *keys_out, *args_out)))
         commands = [command]
         return [(commands, settled(self._lane, commands, [self._route_script],

@@ -347,9 +347,10 @@ class Hub:
                     self.deliver(user, (device,), frame)
             elif loc.node == PARKED:  # parked again, by another worker
                 await self.backplane.keep_first(user, device, frames)
-            else:
-                for frame in frames:
-                    await self.backplane.send(loc.node, Envelope("deliver", user, (device,), frame))
+            else:  # sent together (one tick: one round trip, in order), awaited together
+                await asyncio.gather(*(
+                    self.backplane.send(loc.node, Envelope("deliver", user, (device,), frame))
+                    for frame in frames))
         except Exception:
             self.stats.backplane_error("keep")
 
