@@ -82,6 +82,7 @@ class Worker:
         self.errors: Counter[str] = Counter()
         self.out_of_order = 0
         self.lat_us = array.array("q")
+        self.sent_ms = array.array("i")  # each latency sample's send time, ms into the window
         self.win_start = 0
         self.win_end = 0
 
@@ -251,6 +252,7 @@ class Worker:
             "errors": dict(self.errors),
             "out_of_order": self.out_of_order,
             "lat_us": self.lat_us.tobytes(),
+            "sent_ms": self.sent_ms.tobytes(),
             "open": sum(1 for c in self.conns if c.open),
             "dropped": self.dropped,
             "diag": self._diag(),
@@ -419,6 +421,7 @@ def _make_base(picows: Any) -> type:
             if w.win_start <= now < w.win_end:
                 w.delivered_win += 1
                 w.lat_us.append((now - t) // 1000)
+                w.sent_ms.append((t - w.win_start) // 1_000_000)
             if w.closed_loop and w.sending:
                 p = self.partner_conn
                 if p.open:
@@ -585,11 +588,27 @@ class RunStats:
     open: int = 0
     dropped: int = 0
     lat_us: list[int] = field(default_factory=list)
+    # (sent ms into the window, latency us) of every sample, in no particular order
+    samples: list[tuple[int, int]] = field(default_factory=list)
     diag: Counter[str] = field(default_factory=Counter)
 
     @property
     def lost(self) -> int:
         return self.sent - self.delivered
+
+    def timeline(self, bucket_ms: int = 250) -> list[list[float]]:
+        """Latency over the window: per ``bucket_ms`` of send time, [start ms, samples,
+        p50 ms, p99 ms, max ms].  Shows whether a high p99 is a few stalls or a steady
+        queue."""
+        buckets: dict[int, list[int]] = {}
+        for t, lat in self.samples:
+            buckets.setdefault(t // bucket_ms, []).append(lat)
+        rows: list[list[float]] = []
+        for b in sorted(buckets):
+            v = sorted(buckets[b])
+            rows.append([b * bucket_ms, len(v), v[len(v) // 2] / 1000,
+                         v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)] / 1000, v[-1] / 1000])
+        return rows
 
     def percentile_ms(self, q: float) -> float | None:
         if not self.lat_us:
@@ -728,6 +747,9 @@ class LoadGen:
             st.open += r["open"]
             st.dropped += r["dropped"]
             lat.frombytes(r["lat_us"])
+            sent_ms = array.array("i")
+            sent_ms.frombytes(r["sent_ms"])
+            st.samples.extend(zip(sent_ms, lat[len(lat) - len(sent_ms):], strict=True))
             st.diag.update(r.get("diag", {}))
         st.lat_us = sorted(lat)
         return st

@@ -240,6 +240,8 @@ class Bench:
                 max_ms=st.lat_us[-1] / 1000 if st.lat_us else None,
                 latency_samples=len(st.lat_us),
             )
+            if mode == "rate":
+                row["latency_timeline"] = st.timeline()
             c0, c1 = marks["start_redis"], marks["end_redis"]
             if c0 is not None and c1 is not None:
                 # what Redis ran in the window (ours or socket.io's adapter): script calls,

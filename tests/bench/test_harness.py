@@ -40,6 +40,23 @@ def test_loadgen_relays_without_loss() -> None:
     assert st.out_of_order == 0
     assert st.percentile_ms(50) is not None
     assert status["dropped"] == 0
+    # every latency sample is placed in the window by its send time
+    timeline = st.timeline(500)
+    assert sum(row[1] for row in timeline) == len(st.lat_us)
+    assert all(-500 <= row[0] < 2000 for row in timeline), timeline
+
+
+def test_the_latency_timeline_shows_where_in_the_run_the_slow_messages_were() -> None:
+    from bench.loadgen import RunStats
+
+    st = RunStats()
+    # a steady 1 ms for two seconds, one stall of 80 ms in the second quarter-second
+    st.samples = [(t, 80_000 if 250 <= t < 260 else 1_000) for t in range(0, 2000)]
+    rows = st.timeline(250)
+    assert [r[0] for r in rows] == list(range(0, 2000, 250))
+    assert all(r[1] == 250 for r in rows)
+    assert rows[1][3:] == [80.0, 80.0]  # p99 and max of the bucket with the stall
+    assert rows[0][2:] == [1.0, 1.0, 1.0] and rows[2][2:] == [1.0, 1.0, 1.0]
 
 
 def test_loadgen_without_ids_gets_no_acks_and_loses_nothing() -> None:
