@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -258,4 +259,108 @@ async def test_built_keys_are_limits_own_and_their_cache_is_bounded(
         assert key == "sig:rl:" + parse("5/minute").key_for("u", f"user{i}")
         assert w._key(f"user{i}") is key  # built once
         assert len(w._keys) <= 8
+    await w.close()
+
+
+async def _lock_step(w: Any, users: list[str], ticks: int) -> int:
+    """Every user sends one message per tick, all in step (users who connected together);
+    returns how many were admitted."""
+    admitted = 0
+    for _ in range(ticks):
+        results = await asyncio.gather(*(resolve(w.admit(u)) for u in users))
+        admitted += sum(r is None for r in results)
+        await asyncio.sleep(0.001)  # the renewals' round trips
+    return admitted
+
+
+def _spy_calls(w: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Each limiter call as (renewals, cost against CALL_BUDGET), in order."""
+    calls: list[tuple[int, int]] = []
+    acquired = w._acquired
+
+    def spy(batch: dict[str, list[Any]], extra: dict[str, int], now: float, res: Any) -> None:
+        renewals = sum(1 for futs in batch.values() if not futs)
+        cost = sum(len(futs) + extra[u] + rl.USER_COST for u, futs in batch.items())
+        calls.append((renewals, cost))
+        acquired(batch, extra, now, res)
+
+    monkeypatch.setattr(w, "_acquired", spy)
+    return calls
+
+
+@pytest.mark.parametrize("jitter", [True, False])
+async def test_leases_taken_together_are_renewed_apart(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch, jitter: bool
+) -> None:
+    """Users who started together and send in step renew their leases at different ticks:
+    a lease is renewed between half and five eighths spent, at random.  Together, their
+    renewals grew together and each wave was one script call that held Redis for tens of
+    milliseconds (the control, without the jitter, shows the wave)."""
+    monkeypatch.setattr(rl, "CALL_BUDGET", 10**9)  # this test is about the waves alone
+    if not jitter:
+        monkeypatch.setattr(rl.random, "uniform", lambda lo, hi: hi)
+    w = redis_rate_limiter(redis_url, redis, "1000000/second")
+    calls = _spy_calls(w, monkeypatch)
+    users = [f"step{i}" for i in range(100)]
+    assert await _lock_step(w, users, 150) == 100 * 150
+    late = [renewals for renewals, _ in calls[len(calls) // 2 :]]
+    if jitter:
+        assert max(late) <= 30, late
+    else:
+        assert max(late) == 100, late
+    # each slot is the call's timestamp, as limits' own strategy reads it
+    key = "sig:rl:" + parse("1000000/second").key_for("u", "step7")
+    assert abs(float(await redis.lindex(key, 0)) - time.time()) < 60
+    stats = await MovingWindowRateLimiter(w._storage).get_window_stats(
+        parse("1000000/second"), "u", "step7"
+    )
+    assert 1_000_000 - stats.remaining == await redis.llen(key) >= 150
+    await w.close()
+
+
+async def test_renewals_past_the_call_budget_wait_for_the_next_call(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a renewal adds to one script call is bounded (Redis runs a script alone): the
+    renewals that do not fit go with the next round trip, messages that wait for an
+    acquisition always go, and one renewal goes even when it alone is over the budget."""
+    monkeypatch.setattr(rl, "CALL_BUDGET", 100)
+    monkeypatch.setattr(rl, "USER_COST", 6)
+    w = redis_rate_limiter(redis_url, redis, "1000000/second")
+    waiting = asyncio.get_running_loop().create_future()
+    batch: dict[str, list[Any]] = {"w": [waiting], "r1": [], "r2": [], "r3": []}
+    w._defer_renewals(batch, {"w": 90, "r1": 40, "r2": 10, "r3": 200})
+    assert list(batch) == ["w"]  # 97 of 100 taken by the waiting message
+    assert set(w._pending) == {"r1", "r2", "r3"}
+    w._pending = {}
+    batch = {"r1": [], "r2": [], "r3": []}
+    w._defer_renewals(batch, {"r1": 40, "r2": 10, "r3": 200})
+    assert list(batch) == ["r1", "r2"] and list(w._pending) == ["r3"]
+    w._pending = {}
+    batch = {"r3": []}
+    w._defer_renewals(batch, {"r3": 200})
+    assert list(batch) == ["r3"] and not w._pending
+    waiting.cancel()
+    await w.close()
+
+
+async def test_leases_renewed_within_the_call_budget_still_cover_every_message(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In step and under a small budget, renewals spread over several calls, none over the
+    budget unless it holds a single renewal; every message is admitted and counted before
+    it is spent, and after their first messages the senders never wait for an acquisition
+    (a deferred renewal is still ahead: half of the lease is left)."""
+    monkeypatch.setattr(rl, "CALL_BUDGET", 300)
+    w = redis_rate_limiter(redis_url, redis, "1000000/second")
+    calls = _spy_calls(w, monkeypatch)
+    users = [f"b{i}" for i in range(60)]
+    assert await _lock_step(w, users, 120) == 60 * 120
+    renewing = [(n, cost) for n, cost in calls if n]
+    assert renewing and all(cost <= 300 or n == 1 for n, cost in renewing), renewing
+    assert max(cost for _, cost in renewing) > 100  # the budget was what split them
+    assert w.waited <= 2 * len(users), w.waited
+    for u in users[:5]:
+        key = "sig:rl:" + parse("1000000/second").key_for("u", u)
+        assert await redis.llen(key) >= 120
     await w.close()
