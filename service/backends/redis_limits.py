@@ -29,7 +29,8 @@ one and a half LEASE_S, and never by more than LEASE_SHARE of the limit).  With 
 too low for a lease of two slots (the default 100/second gives 5) every message is
 counted exactly as it comes.
 
-A lease is renewed ahead: when half of it is spent or half of its time gone, the next
+A lease is renewed ahead: when half of it is spent (up to five eighths, drawn per lease so
+that users who started together do not renew together) or half of its time gone, the next
 tick's call also takes what the user spent meanwhile (twice that when half was spent
 before half the time went: the lease grows by half, up to what the user spends in one
 to one and a half lease periods), and the slots left join the new lease (the sum within
@@ -37,7 +38,8 @@ the cap, so a worker still holds at most LEASE_SHARE of the limit for a user, an
 window still sees at most that beyond the limit).  A steady sender's messages then never
 wait for an acquisition (before, one in four did at two messages a second: the one that
 found its lease spent or lapsed, and went the slow way, two round trips).  A renewal
-refused at the limit is not tried again with that lease.
+refused at the limit is not tried again with that lease.  One script call takes on at most
+CALL_BUDGET of renewal work (Redis runs a script alone); the rest ride the next round trips.
 """
 
 from __future__ import annotations
