@@ -342,14 +342,16 @@ class RedisLimiter(LoopBound):
             await closer()
 
 
-def _renew_at(size: int, counted: int) -> float:
+def _renew_at(size: int, counted: int) -> int:
     """The slots left at which a lease of ``size`` (taken with ``counted`` messages that
     waited for it) is renewed: when half of it is spent, or up to five eighths, at random.
     Users who started together (a deploy's reconnections, the benchmark's users) would
     otherwise renew together, and their renewals grow together: in the latency scenario
     each wave pushed 15,000-40,000 slots into Redis at once, and every route call of the
-    cluster waited behind it (p99 spikes of 50-100 ms at fixed times of the run)."""
-    return (size + counted) / 2 * random.uniform(0.75, 1.0)
+    cluster waited behind it (p99 spikes of 50-100 ms at fixed times of the run).  Slots
+    are whole, so the floor renews at the same point (and a small int is not an object
+    per lease)."""
+    return int((size + counted) / 2 * random.uniform(0.75, 1.0))
 
 
 def redis_rate_limiter(
