@@ -349,8 +349,9 @@ async def test_leases_renewed_within_the_call_budget_still_cover_every_message(
 ) -> None:
     """In step and under a small budget, renewals spread over several calls, none over the
     budget unless it holds a single renewal; every message is admitted and counted before
-    it is spent, and after their first messages the senders never wait for an acquisition
-    (a deferred renewal is still ahead: half of the lease is left)."""
+    it is spent, and the senders seldom wait for an acquisition: a deferred renewal is
+    still ahead (half of the lease is left), so past each user's first two messages only a
+    slow machine's late round trips make one wait."""
     monkeypatch.setattr(rl, "CALL_BUDGET", 300)
     w = redis_rate_limiter(redis_url, redis, "1000000/second")
     calls = _spy_calls(w, monkeypatch)
