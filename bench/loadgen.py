@@ -607,14 +607,18 @@ class RunStats:
         for b in sorted(buckets):
             v = sorted(buckets[b])
             rows.append([b * bucket_ms, len(v), v[len(v) // 2] / 1000,
-                         v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)] / 1000, v[-1] / 1000])
+                         v[_rank(len(v), 99)] / 1000, v[-1] / 1000])
         return rows
 
     def percentile_ms(self, q: float) -> float | None:
         if not self.lat_us:
             return None
-        k = min(len(self.lat_us) - 1, max(0, math.ceil(q / 100.0 * len(self.lat_us)) - 1))
-        return self.lat_us[k] / 1000.0
+        return self.lat_us[_rank(len(self.lat_us), q)] / 1000.0
+
+
+def _rank(n: int, q: float) -> int:
+    """The index of the ``q``-th percentile in ``n`` sorted samples (nearest rank)."""
+    return min(n - 1, max(0, math.ceil(q / 100.0 * n) - 1))
 
 
 class LoadGen:
