@@ -8,8 +8,9 @@ slot).  When that fails, the few messages that still fit are found with ``limits
 stats and acquired one by one; the rest are refused with the time until the window frees a
 slot.  Counting stays exact and cluster-wide; no message waits for more than one pipeline.
 
-The per-user calls of one tick are one ``EVALSHA`` of ``_ACQUIRE_MANY``: limits' acquire
-script run for each user in turn (its very steps, on its keys and list format, so limits'
+The per-user calls of one tick are one ``EVALSHA`` of ``_ACQUIRE_MANY`` (several, of at most
+CALL_BUDGET each, in the same round trip when the tick is large): limits' acquire script run
+for each user in turn (its very steps, on its keys and list format, so limits'
 own strategy reads the same windows).  One call per user was half of Redis's script
 calls when every user sends a few messages a second; measured at 5,000 msg/s across two
 instances, the calls halved and Redis's time in commands fell 5 % (the steps inside the
@@ -38,8 +39,9 @@ the cap, so a worker still holds at most LEASE_SHARE of the limit for a user, an
 window still sees at most that beyond the limit).  A steady sender's messages then never
 wait for an acquisition (before, one in four did at two messages a second: the one that
 found its lease spent or lapsed, and went the slow way, two round trips).  A renewal
-refused at the limit is not tried again with that lease.  One script call takes on at most
+refused at the limit is not tried again with that lease.  One round trip takes on at most
 CALL_BUDGET of renewal work (Redis runs a script alone); the rest ride the next round trips.
+Messages that wait for an acquisition all go, in script calls of at most CALL_BUDGET each.
 """
 
 from __future__ import annotations
@@ -112,12 +114,12 @@ return out
 # one lease per worker beyond the limit, and the cap on a lease holds.
 LEASE_S = 10.0
 LEASE_SHARE = 0.05  # the largest lease, as a share of the limit
-# The work one script call may take on for renewals, in slots plus USER_COST per user: about
-# 2 ms of Redis (measured: ~6 us per user and ~0.4 us per slot pushed).  Redis runs a script
+# The work one script call may take on, in slots plus USER_COST per user: about 2 ms of
+# Redis (measured: ~6 us per user and ~0.4 us per slot pushed).  Redis runs a script
 # alone: one call renewing the leases of 500 users at 100 slots each held every other
 # command of the cluster for 20-60 ms.  Renewals past the budget ride the next round trips
 # (a renewal is due with half the lease still to spend); messages waiting for an
-# acquisition always go.
+# acquisition always go, in as many calls of the budget as they need (``_chunks``).
 CALL_BUDGET = 2048
 USER_COST = 6
 KEY_CACHE_MAX = 16384  # users whose Redis key is kept built
@@ -246,13 +248,16 @@ class RedisLimiter(LoopBound):
         self._defer_renewals(batch, extra)
         if not batch:
             return []
-        keys = [self._key(user) for user in batch]
-        amounts = [len(futs) + extra[user] for user, futs in batch.items()]
-        args = [time.time(), self._item.amount, self._item.get_expiry(), *amounts]
+        head = [time.time(), self._item.amount, self._item.get_expiry()]
+        chunks = _chunks(batch, extra)
+        commands = [
+            evalsha(self._acquire_script, [self._key(user) for user in chunk],
+                    [*head, *(len(batch[user]) + extra[user] for user in chunk)])
+            for chunk in chunks
+        ]
         self.acquisitions += 1
-        commands = [evalsha(self._acquire_script, keys, args)]
         return [(commands, settled(self._lane, commands, [self._acquire_script],
-                                   lambda res: self._acquired(batch, extra, now, res)))]
+                                   lambda res: self._acquired(batch, extra, now, res, chunks)))]
 
     def _defer_renewals(self, batch: dict[str, list[Waiter]], extra: dict[str, int]) -> None:
         """Keep the call within CALL_BUDGET: renewals (users with no message waiting) that
@@ -275,18 +280,23 @@ class RedisLimiter(LoopBound):
 
     def _acquired(
         self, batch: dict[str, list[Waiter]], extra: dict[str, int], now: float,
-        result: list[Any] | BaseException,
+        result: list[Any] | BaseException, chunks: list[list[str]],
     ) -> None:
         """Each user's answer: admitted (with a lease), or its messages that still fit
-        found one by one (``_partial``)."""
-        reply = result if isinstance(result, BaseException) else result[0]
-        if isinstance(reply, BaseException):
-            fail_all((fut for futs in batch.values() for fut in futs), reply,
+        found one by one (``_partial``); a chunk's failure fails its users' messages."""
+        if isinstance(result, BaseException):
+            fail_all((fut for futs in batch.values() for fut in futs), result,
                      "rate limiter closed")
             return
+        answers: list[Any] = []
+        for chunk, reply in zip(chunks, result, strict=True):
+            answers += [reply] * len(chunk) if isinstance(reply, BaseException) else reply
         refused: list[tuple[str, list[Waiter]]] = []
-        for (user, futs), ok in zip(batch.items(), reply, strict=True):
-            if ok:
+        for (user, futs), ok in zip(batch.items(), answers, strict=True):
+            if isinstance(ok, BaseException):
+                # its flag stays set: the lease it holds runs out, as for a refusal
+                fail_all(futs, ok, "rate limiter closed")
+            elif ok:
                 for fut in futs:
                     if not fut.done():
                         fut.set_result(None)
@@ -340,6 +350,24 @@ class RedisLimiter(LoopBound):
         closer = getattr(self._storage, "aclose", None)
         if closer is not None:
             await closer()
+
+
+def _chunks(batch: dict[str, list[Waiter]], extra: dict[str, int]) -> list[list[str]]:
+    """``batch``'s users in order, cut into script calls of at most CALL_BUDGET each (a
+    user over it alone in one).  They all go in one round trip, but Redis serves other
+    clients between two calls (it reads a pipeline 16 KB at a time): a tick in which
+    thousands of users wait for their first acquisition (a reconnection storm) would
+    otherwise be one script that holds every client of the cluster (~6 us a user)."""
+    chunks: list[list[str]] = [[]]
+    cost = 0
+    for user, futs in batch.items():
+        more = len(futs) + extra[user] + USER_COST
+        if chunks[-1] and cost + more > CALL_BUDGET:
+            chunks.append([])
+            cost = 0
+        chunks[-1].append(user)
+        cost += more
+    return chunks
 
 
 def _renew_at(size: int, counted: int) -> int:

@@ -124,6 +124,24 @@ def test_lua_bench_measures_the_route_script_and_a_variant(tmp_path: Path) -> No
     assert all(us > 0 for us in run.values()), run
 
 
+def test_storm_bench_counts_every_first_message_in_calls_within_the_budget(
+    tmp_path: Path,
+) -> None:
+    """bench/storm.py: every user's first message is admitted (it raises otherwise), in as
+    many script calls as the limiter's budget makes, and another client's PINGs went on
+    meanwhile."""
+    from bench import storm
+    from service.backends import redis_limits as rl
+
+    out = tmp_path / "storm.json"
+    assert storm.main(["--users", "700", "--repeat", "1", "--no-pin", "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    per_call = rl.CALL_BUDGET // (1 + rl.USER_COST)
+    assert run["script_calls"] == -(-700 // per_call), run
+    assert 0 < run["longest_call_ms"] <= run["script_ms_total"], run
+    assert run["pings"] > 0 and run["longest_ping_ms"] > 0, run
+
+
 def test_inline_bench_keeps_every_frame_on_the_inline_path(tmp_path: Path) -> None:
     """bench/inline.py: each frame is delivered and acked from the read callback (a
     delivery and an ack written per message, nothing queued for a read loop)."""

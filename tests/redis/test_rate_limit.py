@@ -228,6 +228,61 @@ async def test_a_tick_of_many_users_is_one_script_call(redis_url: str, redis: An
     await w.close()
 
 
+async def test_a_storm_of_first_messages_goes_in_script_calls_within_the_budget(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of users waiting for their first acquisition in one tick (a reconnection
+    storm) are one round trip, but cut into script calls of at most CALL_BUDGET each, so
+    Redis serves its other clients between them; every user is still counted exactly,
+    all-or-nothing, and the one over its limit still gets what fits."""
+    monkeypatch.setattr(rl, "CALL_BUDGET", 60)
+    monkeypatch.setattr(rl, "USER_COST", 6)
+    sizes: list[int] = []
+    evalsha = rl.evalsha
+
+    def spy(script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+        sizes.append(len(keys))
+        return evalsha(script, keys, args)
+
+    monkeypatch.setattr(rl, "evalsha", spy)
+    w = redis_rate_limiter(redis_url, redis, "3/minute")
+    await redis.config_resetstat()
+    users = [f"s{i}" for i in range(40)]
+    pending = [w.admit(u) for u in users for _ in range(2)] + [w.admit("greedy") for _ in range(5)]
+    results = await asyncio.gather(*(resolve(p) for p in pending))
+    assert results[:80] == [None] * 80
+    greedy = results[80:]
+    assert greedy[:3] == [None] * 3 and all(r is not None and 0 < r <= 60 for r in greedy[3:])
+    # 8 a user (2 slots + 6): seven users a call; the last call takes five and greedy (11)
+    assert sizes == [7, 7, 7, 7, 7, 6], sizes
+    assert w.acquisitions == 1 and w._lane.round_trips == 1
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 6 + 4 + 1, stats["cmdstat_evalsha"]
+    view = MovingWindowRateLimiter(w._storage)
+    for user, left in (("s0", 1), ("s39", 1), ("greedy", 0)):
+        got = await view.get_window_stats(parse("3/minute"), "u", user)
+        assert got.remaining == left, (user, got)
+    await w.close()
+
+
+async def test_a_failed_script_call_fails_only_the_users_it_carried(
+    redis_url: str, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call per user here (a budget of one): the call on a key that is not a list
+    fails with Redis's error, and only that user's message sees it."""
+    monkeypatch.setattr(rl, "CALL_BUDGET", 8)
+    monkeypatch.setattr(rl, "USER_COST", 6)
+    w = redis_rate_limiter(redis_url, redis, "5/minute")
+    await redis.set("sig:rl:" + parse("5/minute").key_for("u", "broken"), "not a list")
+    users = ["a1", "broken", "a2"]
+    results = await asyncio.gather(*(resolve(w.admit(u)) for u in users),
+                                   return_exceptions=True)
+    assert results[0] is None and results[2] is None, results
+    assert isinstance(results[1], Exception) and "WRONGTYPE" in str(results[1]), results
+    assert w._lane.round_trips == 1
+    await w.close()
+
+
 async def test_window_list_is_trimmed_to_the_limit_when_old_slots_overflow_it(
     redis_url: str, redis: Any
 ) -> None:
@@ -278,11 +333,12 @@ def _spy_calls(w: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]
     calls: list[tuple[int, int]] = []
     acquired = w._acquired
 
-    def spy(batch: dict[str, list[Any]], extra: dict[str, int], now: float, res: Any) -> None:
+    def spy(batch: dict[str, list[Any]], extra: dict[str, int], now: float, res: Any,
+            chunks: list[list[str]]) -> None:
         renewals = sum(1 for futs in batch.values() if not futs)
         cost = sum(len(futs) + extra[u] + rl.USER_COST for u, futs in batch.items())
         calls.append((renewals, cost))
-        acquired(batch, extra, now, res)
+        acquired(batch, extra, now, res, chunks)
 
     monkeypatch.setattr(w, "_acquired", spy)
     return calls
