@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
+import time
 from collections.abc import Iterable, Iterator
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -151,3 +153,25 @@ def pin_tree(roots: Iterable[int], cpus: set[int]) -> None:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(int(tid), cpus)
+
+
+def core_speed_ns(cpus: set[int] | None, steps: int = 100_000, rounds: int = 5) -> float:
+    """Nanoseconds per step of a fixed interpreter loop run on ``cpus`` (the median of
+    ``rounds``, ~50 ms in all): how fast that core ran at that moment.  A virtual machine's
+    core is shared with other tenants (its hyperthread twin, the host's other guests); on
+    the benchmark's machine this figure swung x1.6 within minutes, and the tail latency of
+    a run at a fixed rate followed the hour, not the code."""
+    times: list[float] = []
+    with pinned(cpus):
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            _spin(steps)
+            times.append((time.perf_counter_ns() - t0) / steps)
+    return round(statistics.median(times), 1)
+
+
+def _spin(n: int) -> int:
+    x = 0
+    for i in range(n):
+        x += i * 3 ^ 5
+    return x

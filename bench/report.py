@@ -69,6 +69,12 @@ def _loss(r: dict[str, Any]) -> str:
     return text
 
 
+def _speed(r: dict[str, Any]) -> str:
+    """``core_ns_per_step`` (older results have none)."""
+    speed = r.get("core_ns_per_step")
+    return f"{speed[0]:.0f} / {speed[1]:.0f}" if speed else "–"
+
+
 def _calls(r: dict[str, Any]) -> str:
     calls = r.get("server_syscalls_per_msg")
     return f"{calls[0]:.2f} / {calls[1]:.2f}" if calls else "–"
@@ -222,7 +228,9 @@ def _header(result: dict[str, Any]) -> list[str]:
         "",
         "CPU-s per 1k msgs = (server processes + redis-server) CPU seconds over the measured "
         "window / delivered messages × 1000.  Loss = sent − delivered after the drain "
-        "(error frames in parentheses).  Latency is one-way, sender to receiver.",
+        "(error frames in parentheses).  Latency is one-way, sender to receiver.  Core "
+        "ns/step: a fixed interpreter loop on the servers' core, idle, just before and "
+        "after the run (lower is faster; the machine's other tenants swing it).",
     ]
 
 
@@ -247,10 +255,10 @@ def _run_tables(rows: list[dict[str, Any]], repeats: bool) -> list[str]:
     if sel:
         out += ["", f"## {TITLES['latency']}", "", _table(
             [*who, "connections", "offered msg/s", "msg/s", "CPU-s per 1k msgs",
-             "p50/p99/p99.9 ms", "loss", "RSS/conn KB"],
+             "p50/p99/p99.9 ms", "loss", "RSS/conn KB", "core ns/step before/after"],
             ([*_who(r, repeats), _f(r["connections"]), _f(r.get("offered_rate")),
               _f(r.get("msgs_per_s")), _f(r.get("cpu_s_per_1k"), 3), _lat(r), _loss(r),
-              _f(r.get("rss_per_conn_kb"))] for r in sel),
+              _f(r.get("rss_per_conn_kb")), _speed(r)] for r in sel),
         )]
     return out
 

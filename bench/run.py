@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:  # run as a script: bench/run.py
 
 from bench import report  # noqa: E402
 from bench.loadgen import LoadGen  # noqa: E402
-from bench.procstat import Group, cpu_count, open_fds  # noqa: E402
+from bench.procstat import Group, core_speed_ns, cpu_count, open_fds  # noqa: E402
 from bench.servers import (  # noqa: E402
     Servers,
     commands_delta,
@@ -214,8 +214,12 @@ class Bench:
                 # after the CPU marks: the INFO round trip is not the window's CPU
                 marks[edge + "_redis"] = srv.redis_commands()
 
+            # the servers' core, idle, just before and just after the run: how fast the
+            # machine's tenants let it run (``core_speed_ns``; lower is faster)
+            speed0 = core_speed_ns(self.server_cpus)
             st = gen.run(mode, warmup=a.warmup, duration=a.duration, window=window, rate=rate,
                          drain=a.drain, on_window=on_window)
+            row["core_ns_per_step"] = [speed0, core_speed_ns(self.server_cpus)]
             (s0, r0, g0, t0, io0), (s1, r1, g1, t1, io1) = marks["start"], marks["end"]
             wall = t1 - t0
             cpu_server = Group.cpu_delta(s0, s1)
@@ -261,7 +265,8 @@ class Bench:
             log(f"  {row['msgs_per_s']:.0f} msg/s, cpu/1k {row['cpu_s_per_1k']}, "
                 f"p50 {row['p50_ms']} p99 {row['p99_ms']} ms, lost {st.lost}/{st.sent}, "
                 f"errors {dict(st.errors)}, dropped {status['dropped']}, "
-                f"rss/conn {row['rss_per_conn_kb']} KB, gen cpu {row['gen_cpu_pct']}%")
+                f"rss/conn {row['rss_per_conn_kb']} KB, gen cpu {row['gen_cpu_pct']}%, "
+                f"core ns/step {row['core_ns_per_step']}")
         except Exception as exc:
             row["failure"] = f"{type(exc).__name__}: {exc}"
             log(f"  FAILED: {row['failure']}\n{traceback.format_exc()}\n{srv.log_tail(2000)}")

@@ -351,6 +351,28 @@ def test_markdown_with_repeats_has_a_run_column_and_the_medians() -> None:
             "| p99 ×0.60 | 0.50–5.00 | ×1.00 |") in md
 
 
+def test_core_speed_is_a_figure_per_step_on_the_given_core() -> None:
+    from bench.procstat import core_speed_ns
+
+    cpu = min(os.sched_getaffinity(0))
+    mask = os.sched_getaffinity(0)
+    short = core_speed_ns({cpu}, steps=50_000, rounds=3)
+    long = core_speed_ns({cpu}, steps=200_000, rounds=3)
+    assert 0 < short < 10_000 and 0 < long < 10_000
+    assert 1 / 3 < long / short < 3  # per step, not per round (that would be x4)
+    assert os.sched_getaffinity(0) == mask  # the affinity is given back
+
+
+def test_latency_table_shows_the_core_speed_when_the_run_has_it() -> None:
+    from bench import report
+
+    rows = [r for r in _repeated() if r["repeat"] == 0 and r["scenario"] == "latency"]
+    rows[0]["core_ns_per_step"] = [80.4, 121.0]
+    md = report.markdown({"rows": rows})
+    assert "core ns/step before/after |" in md
+    assert "| 80 / 121 |" in md and md.count("| – |") >= 1  # the other run has none
+
+
 def test_markdown_without_pairs_has_no_side_by_side() -> None:
     from bench import report
 
