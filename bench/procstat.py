@@ -159,8 +159,8 @@ def core_speed_ns(cpus: set[int] | None, steps: int = 100_000, rounds: int = 5) 
     """Nanoseconds per step of a fixed interpreter loop run on ``cpus`` (the median of
     ``rounds``, ~50 ms in all): how fast that core ran at that moment.  A virtual machine's
     core is shared with other tenants (its hyperthread twin, the host's other guests); on
-    the benchmark's machine this figure swung x1.6 within minutes, and the tail latency of
-    a run at a fixed rate followed the hour, not the code."""
+    the benchmark's machine this figure swung nearly x2 within minutes (68-134 ns a step),
+    and the tail latency of a run at a fixed rate followed it, not the code."""
     times: list[float] = []
     with pinned(cpus):
         for _ in range(rounds):
