@@ -264,12 +264,12 @@ class RedisLimiter(LoopBound):
         do not fit go back to the pending ones, for the next round trip (the lane asks its
         sources again after every reply).  At least one renewal goes when nothing waits,
         so a lease larger than the budget is still renewed."""
-        cost = sum(len(futs) + extra[u] + USER_COST for u, futs in batch.items() if futs)
+        cost = sum(_cost(len(futs), extra[u]) for u, futs in batch.items() if futs)
         later: list[str] = []
         for user, futs in batch.items():
             if futs:
                 continue
-            more = extra[user] + USER_COST
+            more = _cost(0, extra[user])
             if cost and cost + more > CALL_BUDGET:
                 later.append(user)
             else:
@@ -352,6 +352,12 @@ class RedisLimiter(LoopBound):
             await closer()
 
 
+def _cost(waiting: int, extra: int) -> int:
+    """A user's share of CALL_BUDGET: the slots it takes (its waiting messages and the
+    lease taken ahead) plus USER_COST."""
+    return waiting + extra + USER_COST
+
+
 def _chunks(batch: dict[str, list[Waiter]], extra: dict[str, int]) -> list[list[str]]:
     """``batch``'s users in order, cut into script calls of at most CALL_BUDGET each (a
     user over it alone in one).  They all go in one round trip, but Redis serves other
@@ -361,7 +367,7 @@ def _chunks(batch: dict[str, list[Waiter]], extra: dict[str, int]) -> list[list[
     chunks: list[list[str]] = [[]]
     cost = 0
     for user, futs in batch.items():
-        more = len(futs) + extra[user] + USER_COST
+        more = _cost(len(futs), extra[user])
         if chunks[-1] and cost + more > CALL_BUDGET:
             chunks.append([])
             cost = 0
