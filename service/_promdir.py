@@ -5,6 +5,7 @@ anywhere, in the main process, before workers exist (they inherit the environmen
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import os
 import shutil
@@ -30,5 +31,8 @@ def prepare() -> str:
         return path
     os.makedirs(path, exist_ok=True)
     for f in glob.glob(os.path.join(path, "*.db")):
-        os.remove(f)
+        # another process that inherited the directory may be emptying it too (two tools
+        # started side by side): a file already gone is what this wanted
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
     return path
