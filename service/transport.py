@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import struct
@@ -180,6 +181,9 @@ class LeanWebsocket(WebsocketImplProtocol):
         if timer is not None:
             timer.cancel()
             io_proto._callback_check_timeouts = None
+        task = getattr(io_proto, "_task", None)
+        if task is not None:
+            task.add_done_callback(functools.partial(_untie, self, http))
         if self.ping_interval:
             PINGER.add(self)
 
@@ -402,6 +406,18 @@ class LeanWebsocket(WebsocketImplProtocol):
             self._paused = False
             self.transport.resume_reading()
         return batch
+
+
+def _untie(ws: LeanWebsocket, http: Any, task: Any) -> None:
+    """Sanic's connection task is over (the handler returned, the socket is closing): break
+    the two reference cycles that would otherwise keep the whole connection (socket
+    objects, request, session, close frames) in memory until a full collection.  That is
+    ~30 objects per closed connection, all promoted to the oldest generation: under churn
+    the worker grew by ~6 KB per closed connection, and the full collection that finally
+    freed them scanned every live connection too (0.6 s at 10,000 connections)."""
+    ws.io_proto = None  # <-> the Sanic protocol's ``websocket``; Sanic's code checks for None
+    if http is not None:
+        http.response_func = None  # a bound method of ``http`` itself
 
 
 class Pinger:
