@@ -91,7 +91,7 @@ soak: install redis-server
 ## bench: the benchmark suite — our server against PeerJS and socket.io (bench/README.md);
 ## results in bench/results/<timestamp>/.  bench-quick: a short run; bench-100k: scenario 5
 BENCH_ARGS ?=
-.PHONY: bench bench-quick bench-100k bench-core bench-inline bench-lua bench-storm bench-deps
+.PHONY: bench bench-quick bench-100k bench-core bench-inline bench-lua bench-storm bench-churn bench-deps
 $(BIN)/.bench-installed: pyproject.toml $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[bench]"
 	touch $@
@@ -123,3 +123,6 @@ bench-lua: install redis-server $(BIN)/.bench-installed
 
 bench-storm: install redis-server
 	$(BIN)/python -m bench.storm $(BENCH_ARGS)
+
+bench-churn: install redis-server $(BIN)/.bench-installed
+	$(BIN)/python -m bench.churn $(BENCH_ARGS)

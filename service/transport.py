@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import secrets
@@ -183,7 +184,8 @@ class LeanWebsocket(WebsocketImplProtocol):
             io_proto._callback_check_timeouts = None
         task = getattr(io_proto, "_task", None)
         if task is not None:
-            task.add_done_callback(functools.partial(_untie, self, http))
+            # an empty context shared by all: not a copy of the request's per connection
+            task.add_done_callback(functools.partial(_untie, self, http), context=_NO_CONTEXT)
         if self.ping_interval:
             PINGER.add(self)
 
@@ -406,6 +408,9 @@ class LeanWebsocket(WebsocketImplProtocol):
             self._paused = False
             self.transport.resume_reading()
         return batch
+
+
+_NO_CONTEXT = contextvars.Context()
 
 
 def _untie(ws: LeanWebsocket, http: Any, task: Any) -> None:

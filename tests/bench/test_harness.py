@@ -142,6 +142,24 @@ def test_storm_bench_counts_every_first_message_in_calls_within_the_budget(
     assert run["pings"] > 0 and run["longest_ping_ms"] > 0, run
 
 
+def test_churn_bench_reports_memory_per_round_and_the_workers_gc(tmp_path: Path) -> None:
+    """bench/churn.py: every connection of every round opens (it raises otherwise), the
+    RSS is taken per round, and the probe reaches the worker with its connections open."""
+    from bench import churn
+
+    out = tmp_path / "churn.json"
+    assert churn.main(["--conns", "50", "--rounds", "2", "--settle", "0.3", "--no-pin",
+                       "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    first, last = summary["rounds"]
+    assert all(r["rss_open_kb"] > 0 and r["rss_closed_kb"] > 0 for r in (first, last))
+    assert "gc_open" not in first
+    # the worker tracks at least what 50 connections are made of (~60 objects each)
+    assert last["gc_open"]["tracked"] > 50 * 30, last
+    assert last["gc_open"]["collect_ms"] > 0, last
+    assert summary["growth_kb_per_closed_conn"] is not None
+
+
 def test_inline_bench_keeps_every_frame_on_the_inline_path(tmp_path: Path) -> None:
     """bench/inline.py: each frame is delivered and acked from the read callback (a
     delivery and an ack written per message, nothing queued for a read loop)."""

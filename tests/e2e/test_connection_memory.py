@@ -52,8 +52,9 @@ def _probe(server: ServerProcess, out: Path) -> dict[str, dict[str, int]]:
         time.sleep(0.05)
     total: dict[str, dict[str, int]] = {"garbage": {}, "live": {}}
     for f in out.glob("*.json"):
-        for part, counts in json.loads(f.read_text()).items():
-            for name, n in counts.items():
+        report = json.loads(f.read_text())
+        for part in ("garbage", "live"):
+            for name, n in report[part].items():
                 total[part][name] = total[part].get(name, 0) + n
     assert total["garbage"].get("sitecustomize.Marker") == len(pids), total  # probe works
     return total
@@ -108,7 +109,8 @@ async def _rejected(server: ServerProcess) -> None:
 
 async def test_closed_connections_leave_nothing_for_the_cyclic_gc(tmp_path: Path) -> None:
     env = server_env(
-        None, PYTHONPATH=str(PROBE), GC_PROBE_DIR=str(tmp_path), RESUME_WINDOW="1",
+        None, PYTHONPATH=str(PROBE), GC_PROBE_DIR=str(tmp_path), GC_PROBE_OFF="1",
+        RESUME_WINDOW="1",
         MAX_DEVICES_PER_USER="1", MAX_MESSAGE_BYTES="1024", RATE_LIMIT="2/second",
     )
     with running(env) as server:
