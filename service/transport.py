@@ -182,10 +182,6 @@ class LeanWebsocket(WebsocketImplProtocol):
         if timer is not None:
             timer.cancel()
             io_proto._callback_check_timeouts = None
-        task = getattr(io_proto, "_task", None)
-        if task is not None:
-            # an empty context shared by all: not a copy of the request's per connection
-            task.add_done_callback(functools.partial(_untie, self, http), context=_NO_CONTEXT)
         if self.ping_interval:
             PINGER.add(self)
 
@@ -411,6 +407,20 @@ class LeanWebsocket(WebsocketImplProtocol):
 
 
 _NO_CONTEXT = contextvars.Context()
+
+
+def untie_when_done(ws: Any) -> None:
+    """Call once, when the handler ends (Sanic's connection task, which awaits it, is still
+    running): ``_untie`` runs as soon as that task is over.  Registered this late so that
+    an idle connection carries no callback."""
+    proto = getattr(ws, "io_proto", None)
+    task = getattr(proto, "_task", None)
+    http = getattr(proto, "_http", None)
+    if task is None or task.done():
+        _untie(ws, http, task)
+    else:
+        # an empty context shared by all, not a copy of the request's
+        task.add_done_callback(functools.partial(_untie, ws, http), context=_NO_CONTEXT)
 
 
 def _untie(ws: LeanWebsocket, http: Any, task: Any) -> None:
@@ -670,6 +680,7 @@ async def websocket_handler(request: Request, ws: Any) -> None:
             log.warning("connection failed: %s", type(exc).__name__)
             session.close(Close.INTERNAL, "internal error")
     finally:
+        untie_when_done(ws)
         # Sanic cancels this task when the socket closes (even after a clean close frame):
         # the clean-up runs in its own task so that presence and rooms are always settled.
         finish = asyncio.ensure_future(
