@@ -150,8 +150,9 @@ async def _main_start(app: Sanic) -> None:
 # with the defaults the objects of messages in flight outlive two young collections, reach
 # the old generation, and trigger a full collection of every connection's objects every
 # second or two: at 10,000 connections 0.4 s each, 45 % of the worker's CPU.  The thresholds
-# count net allocations, so in a steady state collections become rare; connection churn
-# (the only cyclic garbage) still triggers them.
+# count net allocations, so in a steady state collections become rare.  A closed connection
+# makes no cyclic garbage either (``transport.untie_when_done``); the GC stays on for what
+# third-party code may still leave in cycles (an exception's traceback, say).
 GC_THRESHOLDS = (20_000, 20, 10)
 
 
