@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import websockets
 
+from bench.procstat import tree
 from tests.support import ServerProcess, connect, running, server_env, uid
 
 PROBE = Path(__file__).parent / "gc_probe"
@@ -38,11 +38,7 @@ CONNECTION_TYPES = (
 
 def _probe(server: ServerProcess, out: Path) -> dict[str, dict[str, int]]:
     """Signal the server's processes; their reports summed."""
-    pids = [server.proc.pid] + [
-        int(p) for p in subprocess.run(
-            ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-    ]
+    pids = tree([server.proc.pid])  # the main process and its workers
     for f in out.glob("*.json"):
         f.unlink()
     for pid in pids:
