@@ -664,7 +664,9 @@ async def websocket_handler(request: Request, ws: Any) -> None:
     # then be parked or released), so it runs in its own task.
     connecting: asyncio.Future[bool] | None = asyncio.ensure_future(
         rt.hub.connect(
-            session, lambda resumed, missed: _welcome(rt, identity, conn_id, resumed, missed)
+            # a partial, not a lambda: a closure would make rt, identity and conn_id cells
+            # of this coroutine's frame for the connection's lifetime
+            session, functools.partial(_welcome, rt, identity, conn_id)
         )
     )
     try:
@@ -747,7 +749,11 @@ async def _read_loop(rt: Runtime, ws: LeanWebsocket, session: Session) -> None:
             if len(batch) > 1:
                 # every message of the batch asks the limiter at once (one Redis pipeline
                 # per tick); direct messages pipelined, replies in order
-                admissions = [admit(user) for _ in batch]
+                # a loop, not a comprehension: a comprehension's function would make admit
+                # and user cells of this coroutine's frame, kept as long as the connection
+                admissions = []
+                for _ in batch:
+                    admissions.append(admit(user))
                 await router.handle_batch(session, batch, admissions)
             elif batch[0][0]:
                 await router.handle(session, batch[0][1], admit(user), counted=True)
