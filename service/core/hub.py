@@ -373,12 +373,13 @@ class Hub:
         """(Re)arm the ``token_expiring`` notice and the 4001 close for the session's
         current expiry; older entries are ignored when they come due."""
         exp = session.expires_at
-        ref = weakref.ref(session)
+        # one entry per connection at a time: the notice's entry arms the close when it
+        # comes due (an entry and its numbers are ~150 bytes of every idle connection)
         heapq.heappush(
             self._deadlines,
-            (exp - self.token_expiring_notice, next(self._seq), "notice", ref, exp),
+            (exp - self.token_expiring_notice, next(self._seq), "notice",
+             weakref.ref(session), exp),
         )
-        heapq.heappush(self._deadlines, (exp, next(self._seq), "expire", ref, exp))
         if len(self._deadlines) > 4 * self.connection_count + 1024:
             self._deadlines = [d for d in self._deadlines if _current(d[3], d[4])]
             heapq.heapify(self._deadlines)
@@ -393,9 +394,11 @@ class Hub:
                 continue  # gone, closed, or refreshed since
             if kind == "expire":
                 session.close(Close.TOKEN_EXPIRED, "token expired")
-            elif not session.expiry_notified:
+                continue
+            if not session.expiry_notified:
                 session.expiry_notified = True
                 session.push(encode({"type": "token_expiring", "expires_at": exp}))
+            heapq.heappush(self._deadlines, (exp, next(self._seq), "expire", ref, exp))
 
     async def _expiry_loop(self) -> None:
         while True:

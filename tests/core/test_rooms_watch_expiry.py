@@ -152,3 +152,24 @@ async def test_refresh_and_expiry(make_node, clock):
 
 def test_router_without_verifier_refuses_refresh() -> None:
     assert Router.__init__.__kwdefaults__["verify"] is None
+
+
+async def test_one_deadline_per_connection_and_a_late_check_still_notices_then_closes(
+    make_node, clock
+):
+    """An idle connection holds one deadline entry (its notice's, which arms the close when
+    it comes due); an expiry check that comes only after both times sends the notice and
+    closes 4001 in the same pass."""
+    a = await make_node("A")
+    sessions = [await a.connect(f"u{i}", "d") for i in range(3)]
+    assert len(a.hub._deadlines) == len(sessions)
+    a.hub.token_expiring_notice = 60
+    late = sessions[0]
+    late.identity = Identity("u0", "d", 6000)
+    a.hub.schedule_expiry(late)
+    a.hub.expire_due(5000)
+    assert frames(late) == [] and not late.closed
+    a.hub.expire_due(7000)
+    assert frames(late) == [{"type": "token_expiring", "expires_at": 6000}]
+    assert late.closed and late.close_code == 4001
+    assert not any(s.closed for s in sessions[1:])
