@@ -427,9 +427,10 @@ def _untie(ws: LeanWebsocket, http: Any, task: Any) -> None:
     """Sanic's connection task is over (the handler returned, the socket is closing): break
     the two reference cycles that would otherwise keep the whole connection (socket
     objects, request, session, close frames) in memory until a full collection.  That is
-    ~30 objects per closed connection, all promoted to the oldest generation: under churn
-    the worker grew by ~6 KB per closed connection, and the full collection that finally
-    freed them scanned every live connection too (0.6 s at 10,000 connections)."""
+    ~30 objects per closed connection, all in the oldest generation: under churn the
+    worker grew by ~5 KB per closed connection, and the full collection that finally came
+    scanned them with every live connection (2.2 s with 5,000 open and 25,000 closed on a
+    slow core; ``bench/results/churn-5c5c2d3``)."""
     ws.io_proto = None  # <-> the Sanic protocol's ``websocket``; Sanic's code checks for None
     if http is not None:
         http.response_func = None  # a bound method of ``http`` itself
