@@ -7,7 +7,7 @@ import sys
 
 from websockets.protocol import OPEN
 
-from service.transport import LeanWebsocket, SignalingServerProtocol
+from service.transport import LeanWebsocket, PingWheel, SignalingServerProtocol
 
 
 def test_an_idle_connection_keeps_a_small_shared_key_dict() -> None:
@@ -174,3 +174,104 @@ def test_a_tick_of_frames_goes_out_as_one_write_of_whole_frames() -> None:
         got.append(bytes(frame.data))
         parser = Frame.parse(reader.read_exact, mask=False)
     assert got == [*frames, b"last"]
+
+
+class _Ticking:
+    """A socket as the ping wheel sees it: records when it was looked at."""
+
+    def __init__(self, due: float, every: float) -> None:
+        self.ping_slot = -1
+        self.ping_due = due
+        self.every = every
+        self.looked: list[float] = []
+
+    def ping_now(self, now: float) -> float | None:
+        self.looked.append(now)
+        if now < self.ping_due:
+            return self.ping_due
+        self.ping_due = now + self.every
+        return self.ping_due
+
+
+def test_the_ping_wheel_looks_only_at_the_sockets_that_are_due() -> None:
+    """1,000 sockets pinged every 20 s with their first pings spread over 20 s: each step
+    of one second looks at the ~50 due then, never at the rest (a scan of every socket
+    each second was what the keepalive cost an idle worker), and each socket is looked at
+    once per interval, within a step of its time."""
+    wheel = PingWheel(20.0, 20.0, now=0.0)
+    socks = [_Ticking(due=1.0 + (i % 20) + 0.5, every=20.0) for i in range(1000)]
+    for s in socks:
+        wheel.add(s)
+    assert wheel.size == 1000
+    looks = []
+    for step in range(1, 62):
+        before = sum(len(s.looked) for s in socks)
+        wheel.advance(float(step))
+        looks.append(sum(len(s.looked) for s in socks) - before)
+    assert max(looks) == 50 and sum(looks) == 3000, looks  # three pings each, no other look
+    for i, s in enumerate(socks):
+        assert 0 <= s.looked[0] - (1.5 + i % 20) < 1  # the first step at or after its time
+        assert [b - a for a, b in zip(s.looked, s.looked[1:], strict=False)] == [20.0, 20.0]
+    wheel.discard(socks[0])
+    wheel.discard(socks[0])  # twice: no-op
+    assert wheel.size == 999 and socks[0].ping_slot == -1
+    wheel.advance(100.0)
+    assert len(socks[0].looked) == 3
+
+
+def test_a_stalled_loop_catches_up_once_per_socket() -> None:
+    """Held up for longer than a turn of the wheel, the next step looks at every socket
+    once (each is overdue), then the wheel counts on from then."""
+    wheel = PingWheel(5.0, 5.0, now=0.0)
+    socks = [_Ticking(due=float(1 + i % 5), every=5.0) for i in range(100)]
+    for s in socks:
+        wheel.add(s)
+    wheel.advance(1000.0)
+    assert [len(s.looked) for s in socks] == [1] * 100
+    wheel.advance(1001.0)
+    wheel.advance(1002.0)
+    assert sum(len(s.looked) for s in socks) == 100  # next pings due at 1,005
+    for t in range(1003, 1007):
+        wheel.advance(float(t))
+    assert [len(s.looked) for s in socks] == [2] * 100
+
+
+T0 = 1000.0  # a monotonic time (never 0, which ``ping_sent_at`` reads as "none out")
+
+
+def _pinged(interval: float, timeout: float) -> tuple[LeanWebsocket, _Transport]:
+    ws = LeanWebsocket(SignalingServerProtocol(), ping_interval=interval, ping_timeout=timeout)
+    ws.ws_proto.state = OPEN
+    ws.ws_proto.parser = None  # type: ignore[assignment]  # as connection_made leaves it
+    transport = _Transport()
+    ws.transport = transport
+    ws.ping_due = T0
+    return ws, transport
+
+
+def test_a_ping_is_two_constant_bytes_and_a_pong_clears_it() -> None:
+    ws, transport = _pinged(20.0, 20.0)
+    assert ws.ping_now(T0) == T0 + 20  # the pong's deadline is the next ping's time
+    assert transport.out == [b"\x89\x00"] and ws.ping_sent_at == T0
+    ws.data_received(_frame(b"", first=0x8A))  # the client's pong (masked, empty)
+    assert ws.ping_sent_at == 0.0
+    assert ws.ping_now(T0 + 20) == T0 + 40 and transport.out == [b"\x89\x00"] * 2
+
+
+def test_an_unanswered_ping_fails_the_connection_1011_at_its_timeout() -> None:
+    """With a timeout shorter than the interval the socket is looked at when the timeout
+    ends: answered, it waits for its next ping; unanswered, it is closed 1011 then, not
+    at the next interval."""
+    ws, transport = _pinged(20.0, 5.0)
+    assert ws.ping_now(T0) == T0 + 5
+    ws.data_received(_frame(b"", first=0x8A))
+    assert ws.ping_now(T0 + 5) == T0 + 20 and transport.out == [b"\x89\x00"]  # no ping
+    assert ws.ping_now(T0 + 20) == T0 + 25
+    assert ws.ping_now(T0 + 24) == T0 + 25 and _close_code(transport) is None  # not yet
+    assert ws.ping_now(T0 + 25) is None
+    assert _close_code(transport) == 1011
+    # a longer timeout than the interval: no second ping while the first is unanswered
+    ws, transport = _pinged(5.0, 12.0)
+    assert ws.ping_now(T0) == T0 + 5
+    assert ws.ping_now(T0 + 5) == T0 + 12 and transport.out == [b"\x89\x00"]
+    assert ws.ping_now(T0 + 12) is None and _close_code(transport) == 1011
