@@ -454,8 +454,9 @@ class PingWheel:
     """The Pinger's timing wheel: sockets wait in a slot per step (one second, or the
     interval when it is shorter), in the slot of the step at which they next need a look
     (a ping, or the deadline of one), and a step looks only at its own slot.  So an idle
-    worker's keepalive costs per ping, not per socket per step: a scan of every socket
-    each second was a tenth of what 10,000 idle connections cost a worker.
+    worker's keepalive costs per ping, not per socket per step.  (A scan of every socket
+    each second, with websockets building each ping frame, was a third of what 10,000
+    idle connections cost a worker: 4.0 -> 2.7 % of a core.)
 
     No task or clock of its own: ``Pinger`` runs it (tests drive it with their own
     times).  A socket in it has ``ping_slot`` (-1 when out), ``ping_due`` and
