@@ -450,6 +450,9 @@ def _untie(ws: LeanWebsocket, http: Any, task: Any) -> None:
         http.response_func = None  # a bound method of ``http`` itself
 
 
+WHEEL_SLOTS = 64  # the most slots a PingWheel has (a 20 s interval needs 23)
+
+
 class PingWheel:
     """The Pinger's timing wheel: sockets wait in a slot per step (one second, or the
     interval when it is shorter), in the slot of the step at which they next need a look
@@ -465,7 +468,9 @@ class PingWheel:
     def __init__(self, interval: float, timeout: float | None, now: float) -> None:
         self.step = min(interval, 1.0)
         longest = max(interval, timeout or 0.0)
-        self.slots: list[set[Any]] = [set() for _ in range(int(longest / self.step) + 3)]
+        # at most WHEEL_SLOTS: a socket due further on is looked at once a turn until then
+        n = min(int(longest / self.step) + 3, WHEEL_SLOTS)
+        self.slots: list[set[Any]] = [set() for _ in range(n)]
         self.start = now  # the time of step 0
         self.tick = 0  # the last step run: slot ``tick % len(slots)``
         self.size = 0  # sockets in the wheel

@@ -236,6 +236,20 @@ def test_a_stalled_loop_catches_up_once_per_socket() -> None:
     assert [len(s.looked) for s in socks] == [2] * 100
 
 
+def test_a_long_interval_keeps_the_wheel_small() -> None:
+    """An hour's interval does not make 3,600 slots: the socket is looked at once a turn
+    of the wheel until its time, and pinged then."""
+    wheel = PingWheel(3600.0, 60.0, now=0.0)
+    assert len(wheel.slots) <= 64
+    sock = _Ticking(due=3600.0, every=3600.0)
+    wheel.add(sock)
+    for t in range(1, 7201):
+        wheel.advance(float(t))
+    pings = [t for t in sock.looked if t >= 3600.0]
+    assert pings[0] == 3600.0 and 7200.0 in pings
+    assert len(sock.looked) < 7200 / 50  # a look every turn, not every second
+
+
 T0 = 1000.0  # a monotonic time (never 0, which ``ping_sent_at`` reads as "none out")
 
 
