@@ -17,7 +17,7 @@ from sanic.handlers import ErrorHandler
 from sanic.helpers import STATUS_CODES
 from sanic.response import HTTPResponse, json, raw
 
-from . import __version__, _shutdown, metrics, privacy
+from . import __version__, _manager, _shutdown, metrics, privacy
 from .config import ConfigError, Settings
 from .errors import Close
 from .runtime import Runtime
@@ -43,6 +43,7 @@ def _configure_logging(verbose: bool) -> None:
 
 def create_app(settings: Settings, name: str = "signaling") -> Sanic:
     _shutdown.install()  # Sanic's SIGTERM handler can kill its own main process
+    _manager.install()  # and its manager read every worker's state ten times a second
     app = Sanic(name)
     _configure_logging(settings.verbose)
     app.config.ACCESS_LOG = False  # it prints client ip:port and full URLs

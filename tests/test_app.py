@@ -130,3 +130,22 @@ def test_sigterm_handler_signals_the_workers_without_touching_shared_state() -> 
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_manager_reads_its_workers_states_at_most_once_a_second(monkeypatch: Any) -> None:
+    """Sanic's monitor loop syncs every worker's state through a proxy after each 0.1 s
+    poll (a round trip per worker to the proxy's process, most of an idle instance's CPU
+    with no connection).  Installed, the sync runs at most every ``SYNC_EVERY_S``."""
+    from service import _manager
+
+    calls: list[float] = []
+    clock = [100.0]
+    monkeypatch.setattr(_manager, "_sanic_sync", lambda manager: calls.append(clock[0]))
+    monkeypatch.setattr(_manager.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(WorkerManager, "_sync_states", WorkerManager._sync_states)
+    _manager.install()
+    manager = _Manager([])
+    for i in range(25):  # 2.5 s of the monitor loop's polls
+        clock[0] = 100.0 + i * 0.1
+        WorkerManager._sync_states(manager)  # type: ignore[arg-type]
+    assert calls == [100.0, 101.0, 102.0], calls
